@@ -1,0 +1,167 @@
+//! The composition root of `berth up`: start (or connect to) Postgres and NATS, migrate,
+//! ensure the stream, run the chosen components, and stop everything in order on SIGINT or
+//! SIGTERM.
+//!
+//! Components each get the shared dependencies and one cancellation token; one that fails
+//! cancels the rest, so a supervisor restarts a clean process rather than a half-working one.
+
+pub mod embedded;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+
+/// A part of berth that `berth up --components` can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Component {
+    Api,
+}
+
+impl Component {
+    pub const ALL: [Component; 1] = [Component::Api];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Component::Api => "api",
+        }
+    }
+}
+
+impl fmt::Display for Component {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Component {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let names: Vec<&str> = Component::ALL.iter().map(|c| c.name()).collect();
+        Component::ALL.iter().copied().find(|c| c.name() == s).ok_or_else(|| {
+            match crate::spec::suggest(s, &names) {
+                Some(n) => format!("unknown component `{s}` (did you mean `{n}`?)"),
+                None => format!("unknown component `{s}` (known: {})", names.join(", ")),
+            }
+        })
+    }
+}
+
+/// Written to `<data dir>/berth.json` while `berth up` runs, so the CLI and tests can find
+/// it. Readable only by its owner: the database URL holds a password.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StateFile {
+    pub pid: u32,
+    pub api_url: String,
+    pub database_url: String,
+    pub nats_url: String,
+}
+
+impl StateFile {
+    pub fn path(data_dir: &Path) -> PathBuf {
+        data_dir.join("berth.json")
+    }
+
+    pub fn read(data_dir: &Path) -> anyhow::Result<StateFile> {
+        let path = Self::path(data_dir);
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(serde_json::from_str(&text)?)
+    }
+}
+
+/// Runs `berth up` until a signal, then stops everything.
+pub async fn up(config: Config, components: Vec<Component>) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+
+    let mut embedded =
+        embedded::Embedded::start(&config.data_dir, config.database_url.clone(), config.nats_url.clone()).await?;
+    let result = run_components(&config, &embedded, &components, shutdown.clone()).await;
+    let _ = std::fs::remove_file(StateFile::path(&config.data_dir));
+    embedded.stop().await;
+    result
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        shutdown.cancel();
+    });
+}
+
+async fn run_components(
+    config: &Config,
+    embedded: &embedded::Embedded,
+    components: &[Component],
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let database_url = embedded.database_url.clone().expect("a database url is set or started");
+    let nats_url = embedded.nats_url.clone().expect("a nats url is set or started");
+    let pool = crate::db::connect(&database_url, 20).await.context("connecting to postgres")?;
+    crate::db::migrate(&pool).await.context("migrating the database")?;
+    let nats = async_nats::ConnectOptions::new()
+        .name("berth")
+        .retry_on_initial_connect()
+        .connect(&nats_url)
+        .await
+        .context("connecting to nats")?;
+    let js = async_nats::jetstream::new(nats.clone());
+    tokio::time::timeout(std::time::Duration::from_secs(30), crate::events::ensure_stream(&js))
+        .await
+        .context("nats did not answer within 30s")?
+        .context("creating the event stream")?;
+
+    let tracker = TaskTracker::new();
+    let mut api_url = String::new();
+    for component in components {
+        match component {
+            Component::Api => {
+                let listener = tokio::net::TcpListener::bind(config.api_listen)
+                    .await
+                    .with_context(|| format!("binding the api to {}", config.api_listen))?;
+                api_url = format!("http://{}", listener.local_addr()?);
+                let state = crate::api::ApiState { pool: pool.clone(), nats: nats.clone() };
+                spawn_component(&tracker, *component, shutdown.clone(), crate::api::run(listener, state, shutdown.clone()));
+            }
+        }
+    }
+    tracker.close();
+    let state = StateFile { pid: std::process::id(), api_url, database_url, nats_url };
+    embedded::write_private(&StateFile::path(&config.data_dir), &serde_json::to_string_pretty(&state)?)?;
+    tracing::info!(components = ?components.iter().map(|c| c.name()).collect::<Vec<_>>(), "berth is up");
+
+    shutdown.cancelled().await;
+    tracker.wait().await;
+    pool.close().await;
+    let _ = nats.drain().await;
+    Ok(())
+}
+
+fn spawn_component<F>(tracker: &TaskTracker, component: Component, shutdown: CancellationToken, fut: F)
+where
+    F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    tracker.spawn(async move {
+        match fut.await {
+            Ok(()) => tracing::info!(component = %component, "stopped"),
+            Err(e) => {
+                tracing::error!(component = %component, error = format!("{e:#}"), "failed; shutting down");
+                shutdown.cancel();
+            }
+        }
+    });
+}
