@@ -14,7 +14,12 @@ pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_CONFIG: u8 = 64;
 
 #[derive(Debug, Parser)]
-#[command(name = "berth", version, about = "A declarative deployment reconciler", propagate_version = true)]
+#[command(
+    name = "berth",
+    version,
+    about = "A declarative deployment reconciler",
+    propagate_version = true
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -25,7 +30,7 @@ pub enum Command {
     /// Run berth's components in this process.
     Up {
         #[command(flatten)]
-        config: RawConfig,
+        config: Box<RawConfig>,
         /// Which components to run, comma-separated (default: all).
         #[arg(long, env = "BERTH_COMPONENTS", value_delimiter = ',')]
         components: Vec<String>,
@@ -65,11 +70,14 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Migrate { database_url } => {
             crate::telemetry::init("info", crate::config::LogFormat::Text);
             runtime_exit(async move {
-                let pool = crate::db::connect(&database_url, 2).await.context("connecting to postgres")?;
+                let pool = crate::db::connect(&database_url, 2)
+                    .await
+                    .context("connecting to postgres")?;
                 crate::db::migrate(&pool).await.context("migrating")?;
-                let version: Option<i64> = sqlx::query_scalar("select max(version) from _sqlx_migrations")
-                    .fetch_one(&pool)
-                    .await?;
+                let version: Option<i64> =
+                    sqlx::query_scalar("select max(version) from _sqlx_migrations")
+                        .fetch_one(&pool)
+                        .await?;
                 println!("database is at migration {}", version.unwrap_or(0));
                 Ok(())
             })
@@ -114,7 +122,10 @@ fn config_exit(e: ConfigError) -> ExitCode {
 }
 
 fn runtime_exit(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("berth: cannot start the async runtime: {e}");
@@ -140,7 +151,11 @@ fn validate(paths: &[PathBuf], output: Output) -> ExitCode {
             if loaded.errors.is_empty() {
                 eprintln!("{} app(s) valid", loaded.apps.len());
             } else {
-                eprintln!("{} problem(s), {} app(s) valid", loaded.errors.len(), loaded.apps.len());
+                eprintln!(
+                    "{} problem(s), {} app(s) valid",
+                    loaded.errors.len(),
+                    loaded.apps.len()
+                );
             }
         }
         Output::Json => {
@@ -162,8 +177,16 @@ fn validate(paths: &[PathBuf], output: Output) -> ExitCode {
                 .iter()
                 .map(|a| serde_json::json!({"name": a.spec.name, "file": a.file.display().to_string(), "spec_hash": a.spec.spec_hash()}))
                 .collect();
-            println!("{}", serde_json::to_string_pretty(&serde_json::json!({"apps": apps, "errors": errors})).unwrap());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({"apps": apps, "errors": errors}))
+                    .unwrap()
+            );
         }
     }
-    if loaded.errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_FAILED) }
+    if loaded.errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED)
+    }
 }

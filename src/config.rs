@@ -82,7 +82,11 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid configuration: {}: {}", self.setting, self.message)
+        write!(
+            f,
+            "invalid configuration: {}: {}",
+            self.setting, self.message
+        )
     }
 }
 
@@ -90,7 +94,10 @@ impl std::error::Error for ConfigError {}
 
 fn err(flag: &str, message: impl Into<String>) -> ConfigError {
     let var = format!("BERTH_{}", flag.replace('-', "_").to_uppercase());
-    ConfigError { setting: format!("--{flag} / {var}"), message: message.into() }
+    ConfigError {
+        setting: format!("--{flag} / {var}"),
+        message: message.into(),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,7 +146,10 @@ impl RawConfig {
         let nats_url = match &self.nats_url {
             Some(u) if u.trim().is_empty() => None,
             Some(u) if u.contains(char::is_whitespace) => {
-                return Err(err("nats-url", "must be a NATS URL such as nats://127.0.0.1:4222"));
+                return Err(err(
+                    "nats-url",
+                    "must be a NATS URL such as nats://127.0.0.1:4222",
+                ));
             }
             other => other.clone(),
         };
@@ -150,7 +160,8 @@ impl RawConfig {
         }
         let git = match &self.git_url {
             Some(url) if !url.trim().is_empty() => {
-                let interval = parse_duration(&self.git_interval).map_err(|e| err("git-interval", e))?;
+                let interval =
+                    parse_duration(&self.git_interval).map_err(|e| err("git-interval", e))?;
                 if interval < Duration::from_secs(1) {
                     return Err(err("git-interval", "must be at least 1s"));
                 }
@@ -158,7 +169,10 @@ impl RawConfig {
                     return Err(err("git-branch", "must not be empty"));
                 }
                 if self.git_path.starts_with('/') || self.git_path.split('/').any(|p| p == "..") {
-                    return Err(err("git-path", "must be a relative path inside the repository"));
+                    return Err(err(
+                        "git-path",
+                        "must be a relative path inside the repository",
+                    ));
                 }
                 Some(GitConfig {
                     url: url.clone(),
@@ -189,7 +203,10 @@ impl RawConfig {
         if self.node_address.parse::<std::net::IpAddr>().is_err()
             && crate::spec::normalize_hostname(&self.node_address).is_err()
         {
-            return Err(err("node-address", format!("`{}` is not an IP address or hostname", self.node_address)));
+            return Err(err(
+                "node-address",
+                format!("`{}` is not an IP address or hostname", self.node_address),
+            ));
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(err("data-dir", "must not be empty"));
@@ -199,7 +216,12 @@ impl RawConfig {
         let log_format = match self.log_format.as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
-            other => return Err(err("log-format", format!("`{other}` is neither `text` nor `json`"))),
+            other => {
+                return Err(err(
+                    "log-format",
+                    format!("`{other}` is neither `text` nor `json`"),
+                ));
+            }
         };
         Ok(Config {
             database_url,
@@ -221,9 +243,12 @@ impl RawConfig {
 }
 
 fn parse_addr(flag: &str, value: &str) -> Result<SocketAddr, ConfigError> {
-    value
-        .parse()
-        .map_err(|_| err(flag, format!("`{value}` is not an address such as 127.0.0.1:8080")))
+    value.parse().map_err(|_| {
+        err(
+            flag,
+            format!("`{value}` is not an address such as 127.0.0.1:8080"),
+        )
+    })
 }
 
 /// The host name, lowercased and cut to a DNS label; `node` when there is none.
@@ -277,7 +302,15 @@ mod tests {
         assert!(e.message.contains("nowhere"));
         let e = parse(&["--node-name", "n1", "--log-format", "xml"]).unwrap_err();
         assert_eq!(e.setting, "--log-format / BERTH_LOG_FORMAT");
-        let e = parse(&["--node-name", "n1", "--git-url", "file:///x", "--git-interval", "soon"]).unwrap_err();
+        let e = parse(&[
+            "--node-name",
+            "n1",
+            "--git-url",
+            "file:///x",
+            "--git-interval",
+            "soon",
+        ])
+        .unwrap_err();
         assert_eq!(e.setting, "--git-interval / BERTH_GIT_INTERVAL");
         let e = parse(&["--node-name", "Bad_Name"]).unwrap_err();
         assert_eq!(e.setting, "--node-name / BERTH_NODE_NAME");

@@ -26,11 +26,17 @@ pub struct ApiState {
 }
 
 pub fn router(state: ApiState) -> Router {
-    Router::new().route("/healthz", get(healthz)).with_state(Arc::new(state))
+    Router::new()
+        .route("/healthz", get(healthz))
+        .with_state(Arc::new(state))
 }
 
 /// Serves until `shutdown` is cancelled, then finishes in-flight requests.
-pub async fn run(listener: TcpListener, state: ApiState, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    listener: TcpListener,
+    state: ApiState,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(api.addr = %addr, "api listening");
     axum::serve(listener, router(state))
@@ -55,6 +61,15 @@ async fn healthz(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
         other => format!("error: {other}"),
     };
     let healthy = database == "ok" && nats == "ok";
-    let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({"status": if healthy { "ok" } else { "unavailable" }, "database": database, "nats": nats})))
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(
+            json!({"status": if healthy { "ok" } else { "unavailable" }, "database": database, "nats": nats}),
+        ),
+    )
 }

@@ -60,7 +60,12 @@ impl Embedded {
         let data_dir = data_dir
             .canonicalize()
             .with_context(|| format!("resolving data directory {}", data_dir.display()))?;
-        let mut embedded = Embedded { database_url, nats_url, postgres: None, nats: None };
+        let mut embedded = Embedded {
+            database_url,
+            nats_url,
+            postgres: None,
+            nats: None,
+        };
         if embedded.nats_url.is_none() {
             let (url, server) = start_nats(&data_dir).await?;
             embedded.nats_url = Some(url);
@@ -131,8 +136,16 @@ fn find_binary(name: &str) -> anyhow::Result<PathBuf> {
 /// Stops a server left running by a berth that was killed, identified by its pid file and
 /// its command line (a recycled pid is left alone).
 async fn stop_orphan(pid_file: &Path, expect_in_cmdline: &str, signal: Signal) {
-    let Ok(text) = std::fs::read_to_string(pid_file) else { return };
-    let Some(pid) = text.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) else { return };
+    let Ok(text) = std::fs::read_to_string(pid_file) else {
+        return;
+    };
+    let Some(pid) = text
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     if !String::from_utf8_lossy(&cmdline).contains(expect_in_cmdline) {
         return;
@@ -165,7 +178,15 @@ async fn start_nats(data_dir: &Path) -> anyhow::Result<(String, ChildServer)> {
     let port = free_port()?;
     let log = log_file(&data_dir.join("nats.log"))?;
     let child = Command::new(&binary)
-        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-n", "berth"])
+        .args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-js",
+            "-n",
+            "berth",
+        ])
         .arg("-sd")
         .arg(&store)
         .arg("-P")
@@ -178,14 +199,24 @@ async fn start_nats(data_dir: &Path) -> anyhow::Result<(String, ChildServer)> {
         .process_group(0)
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
-    let mut server = ChildServer { name: "nats-server", child, stop_signal: Signal::SIGTERM };
+    let mut server = ChildServer {
+        name: "nats-server",
+        child,
+        stop_signal: Signal::SIGTERM,
+    };
     let url = format!("nats://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(status) = server.child.try_wait()? {
-            bail!("nats-server exited during start ({status}); see {}", data_dir.join("nats.log").display());
+            bail!(
+                "nats-server exited during start ({status}); see {}",
+                data_dir.join("nats.log").display()
+            );
         }
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
             break;
         }
         if Instant::now() > deadline {
@@ -213,7 +244,9 @@ fn postgres_user() -> anyhow::Result<Option<User>> {
 
 fn as_user(cmd: &mut Command, user: &Option<User>) {
     if let Some(u) = user {
-        cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw()).env("HOME", &u.dir);
+        cmd.uid(u.uid.as_raw())
+            .gid(u.gid.as_raw())
+            .env("HOME", &u.dir);
     }
 }
 
@@ -237,11 +270,21 @@ async fn start_postgres(data_dir: &Path) -> anyhow::Result<(String, ChildServer)
         let mut cmd = Command::new(&initdb);
         cmd.arg("-D")
             .arg(&pgdata)
-            .args(["-U", "berth", "-E", "UTF8", "--auth=scram-sha-256", "--no-instructions"])
+            .args([
+                "-U",
+                "berth",
+                "-E",
+                "UTF8",
+                "--auth=scram-sha-256",
+                "--no-instructions",
+            ])
             .arg(format!("--pwfile={}", pwfile.display()))
             .stdin(Stdio::null());
         as_user(&mut cmd, &user);
-        let output = cmd.output().await.with_context(|| format!("running {}", initdb.display()))?;
+        let output = cmd
+            .output()
+            .await
+            .with_context(|| format!("running {}", initdb.display()))?;
         let _ = std::fs::remove_file(&pwfile);
         if !output.status.success() {
             let _ = std::fs::remove_dir_all(&pgdata);
@@ -265,21 +308,40 @@ async fn start_postgres(data_dir: &Path) -> anyhow::Result<(String, ChildServer)
     let mut cmd = Command::new(&postgres);
     cmd.arg("-D")
         .arg(&pgdata)
-        .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories="])
+        .args([
+            "-p",
+            &port.to_string(),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "unix_socket_directories=",
+        ])
         .args(["-c", "max_connections=200", "-c", "fsync=on"])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .process_group(0);
     as_user(&mut cmd, &user);
-    let child = cmd.spawn().with_context(|| format!("starting {}", postgres.display()))?;
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", postgres.display()))?;
     // SIGINT is Postgres' "fast" shutdown: roll back open transactions, checkpoint, exit.
-    let mut server = ChildServer { name: "postgres", child, stop_signal: Signal::SIGINT };
-    let admin_url = format!("postgres://berth:{}@127.0.0.1:{port}/postgres", password.trim());
+    let mut server = ChildServer {
+        name: "postgres",
+        child,
+        stop_signal: Signal::SIGINT,
+    };
+    let admin_url = format!(
+        "postgres://berth:{}@127.0.0.1:{port}/postgres",
+        password.trim()
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     let admin = loop {
         if let Some(status) = server.child.try_wait()? {
-            bail!("postgres exited during start ({status}); see {}", data_dir.join("postgres.log").display());
+            bail!(
+                "postgres exited during start ({status}); see {}",
+                data_dir.join("postgres.log").display()
+            );
         }
         match sqlx::PgPool::connect(&admin_url).await {
             Ok(pool) => break pool,
@@ -290,15 +352,22 @@ async fn start_postgres(data_dir: &Path) -> anyhow::Result<(String, ChildServer)
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     };
-    let exists: bool = sqlx::query_scalar("select exists (select 1 from pg_database where datname = 'berth')")
-        .fetch_one(&admin)
-        .await?;
+    let exists: bool =
+        sqlx::query_scalar("select exists (select 1 from pg_database where datname = 'berth')")
+            .fetch_one(&admin)
+            .await?;
     if !exists {
         sqlx::query("create database berth").execute(&admin).await?;
     }
     admin.close().await;
     tracing::info!(postgres.port = port, postgres.data = %pgdata.display(), "private postgres started");
-    Ok((format!("postgres://berth:{}@127.0.0.1:{port}/berth", password.trim()), server))
+    Ok((
+        format!(
+            "postgres://berth:{}@127.0.0.1:{port}/berth",
+            password.trim()
+        ),
+        server,
+    ))
 }
 
 /// Writes a file only its owner can read.

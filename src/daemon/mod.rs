@@ -44,12 +44,14 @@ impl FromStr for Component {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let names: Vec<&str> = Component::ALL.iter().map(|c| c.name()).collect();
-        Component::ALL.iter().copied().find(|c| c.name() == s).ok_or_else(|| {
-            match crate::spec::suggest(s, &names) {
+        Component::ALL
+            .iter()
+            .copied()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| match crate::spec::suggest(s, &names) {
                 Some(n) => format!("unknown component `{s}` (did you mean `{n}`?)"),
                 None => format!("unknown component `{s}` (known: {})", names.join(", ")),
-            }
-        })
+            })
     }
 }
 
@@ -70,7 +72,8 @@ impl StateFile {
 
     pub fn read(data_dir: &Path) -> anyhow::Result<StateFile> {
         let path = Self::path(data_dir);
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
         Ok(serde_json::from_str(&text)?)
     }
 }
@@ -80,8 +83,12 @@ pub async fn up(config: Config, components: Vec<Component>) -> anyhow::Result<()
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
 
-    let mut embedded =
-        embedded::Embedded::start(&config.data_dir, config.database_url.clone(), config.nats_url.clone()).await?;
+    let mut embedded = embedded::Embedded::start(
+        &config.data_dir,
+        config.database_url.clone(),
+        config.nats_url.clone(),
+    )
+    .await?;
     let result = run_components(&config, &embedded, &components, shutdown.clone()).await;
     let _ = std::fs::remove_file(StateFile::path(&config.data_dir));
     embedded.stop().await;
@@ -91,7 +98,10 @@ pub async fn up(config: Config, components: Vec<Component>) -> anyhow::Result<()
 fn spawn_signal_handler(shutdown: CancellationToken) {
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             tracing::error!("cannot install signal handlers");
             return;
         };
@@ -109,10 +119,20 @@ async fn run_components(
     components: &[Component],
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let database_url = embedded.database_url.clone().expect("a database url is set or started");
-    let nats_url = embedded.nats_url.clone().expect("a nats url is set or started");
-    let pool = crate::db::connect(&database_url, 20).await.context("connecting to postgres")?;
-    crate::db::migrate(&pool).await.context("migrating the database")?;
+    let database_url = embedded
+        .database_url
+        .clone()
+        .expect("a database url is set or started");
+    let nats_url = embedded
+        .nats_url
+        .clone()
+        .expect("a nats url is set or started");
+    let pool = crate::db::connect(&database_url, 20)
+        .await
+        .context("connecting to postgres")?;
+    crate::db::migrate(&pool)
+        .await
+        .context("migrating the database")?;
     let nats = async_nats::ConnectOptions::new()
         .name("berth")
         .retry_on_initial_connect()
@@ -120,12 +140,16 @@ async fn run_components(
         .await
         .context("connecting to nats")?;
     let js = async_nats::jetstream::new(nats.clone());
-    tokio::time::timeout(std::time::Duration::from_secs(30), crate::events::ensure_stream(&js))
-        .await
-        .context("nats did not answer within 30s")?
-        .context("creating the event stream")?;
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        crate::events::ensure_stream(&js),
+    )
+    .await
+    .context("nats did not answer within 30s")?
+    .context("creating the event stream")?;
 
     let tracker = TaskTracker::new();
+    let failure: Failure = Default::default();
     let mut api_url = String::new();
     for component in components {
         match component {
@@ -134,32 +158,68 @@ async fn run_components(
                     .await
                     .with_context(|| format!("binding the api to {}", config.api_listen))?;
                 api_url = format!("http://{}", listener.local_addr()?);
-                let state = crate::api::ApiState { pool: pool.clone(), nats: nats.clone() };
-                spawn_component(&tracker, *component, shutdown.clone(), crate::api::run(listener, state, shutdown.clone()));
+                let state = crate::api::ApiState {
+                    pool: pool.clone(),
+                    nats: nats.clone(),
+                };
+                spawn_component(
+                    &tracker,
+                    &failure,
+                    *component,
+                    shutdown.clone(),
+                    crate::api::run(listener, state, shutdown.clone()),
+                );
             }
         }
     }
     tracker.close();
-    let state = StateFile { pid: std::process::id(), api_url, database_url, nats_url };
-    embedded::write_private(&StateFile::path(&config.data_dir), &serde_json::to_string_pretty(&state)?)?;
+    let state = StateFile {
+        pid: std::process::id(),
+        api_url,
+        database_url,
+        nats_url,
+    };
+    embedded::write_private(
+        &StateFile::path(&config.data_dir),
+        &serde_json::to_string_pretty(&state)?,
+    )?;
     tracing::info!(components = ?components.iter().map(|c| c.name()).collect::<Vec<_>>(), "berth is up");
 
     shutdown.cancelled().await;
     tracker.wait().await;
     pool.close().await;
     let _ = nats.drain().await;
-    Ok(())
+    match failure.lock().expect("failure lock").take() {
+        Some(message) => Err(anyhow::anyhow!(message)),
+        None => Ok(()),
+    }
 }
 
-fn spawn_component<F>(tracker: &TaskTracker, component: Component, shutdown: CancellationToken, fut: F)
-where
+/// The first component failure, which becomes `berth up`'s exit status.
+type Failure = std::sync::Arc<std::sync::Mutex<Option<String>>>;
+
+fn spawn_component<F>(
+    tracker: &TaskTracker,
+    failure: &Failure,
+    component: Component,
+    shutdown: CancellationToken,
+    fut: F,
+) where
     F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
 {
+    let failure = failure.clone();
     tracker.spawn(async move {
-        match fut.await {
+        let result = fut.await;
+        // A component that returns while berth is meant to run is a failure too.
+        let result = match result {
+            Ok(()) if !shutdown.is_cancelled() => Err(anyhow::anyhow!("exited unexpectedly")),
+            other => other,
+        };
+        match result {
             Ok(()) => tracing::info!(component = %component, "stopped"),
             Err(e) => {
                 tracing::error!(component = %component, error = format!("{e:#}"), "failed; shutting down");
+                failure.lock().expect("failure lock").get_or_insert_with(|| format!("{component}: {e:#}"));
                 shutdown.cancel();
             }
         }

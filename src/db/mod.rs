@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
+use sqlx::PgPool;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::PgPool;
 
 /// The schema, embedded at compile time from `migrations/`. Applied migrations are never
 /// edited; a change is a new file.

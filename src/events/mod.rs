@@ -12,8 +12,15 @@ use serde::{Deserialize, Serialize};
 pub const STREAM: &str = "BERTH_EVENTS";
 
 /// Tables that emit events, by their subject prefix (`<table>.<op>`).
-pub const TABLES: [&str; 7] =
-    ["app", "deployment", "image_build", "instance", "deployment_instance", "domain", "node"];
+pub const TABLES: [&str; 7] = [
+    "app",
+    "deployment",
+    "image_build",
+    "instance",
+    "deployment_instance",
+    "domain",
+    "node",
+];
 
 /// The subjects of the stream: `app.*`, `deployment.*`, ...
 pub fn stream_subjects() -> Vec<String> {
@@ -61,7 +68,9 @@ pub async fn ensure_stream(js: &jetstream::Context) -> anyhow::Result<stream::St
     match js.get_stream(STREAM).await {
         Ok(mut existing) => {
             let info = existing.info().await?;
-            if info.config.subjects != config.subjects || info.config.duplicate_window != config.duplicate_window {
+            if info.config.subjects != config.subjects
+                || info.config.duplicate_window != config.duplicate_window
+            {
                 js.update_stream(&config).await?;
             }
             Ok(existing)

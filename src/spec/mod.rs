@@ -77,8 +77,11 @@ pub fn load_paths(paths: &[PathBuf]) -> Loaded {
     for path in paths {
         if path.is_dir() {
             let mut files = Vec::new();
-            if let Err(e) = collect_spec_files(path, &mut files) {
-                loaded.errors.push(file_error(path, format!("cannot read folder: {e}")));
+            let mut visited = Vec::new();
+            if let Err(e) = collect_spec_files(path, &mut files, &mut visited) {
+                loaded
+                    .errors
+                    .push(file_error(path, format!("cannot read folder: {e}")));
             }
             files.sort();
             for file in files {
@@ -91,10 +94,15 @@ pub fn load_paths(paths: &[PathBuf]) -> Loaded {
             };
             load_file(path, &root, &mut loaded);
         } else {
-            loaded.errors.push(file_error(path, "no such file or folder".into()));
+            loaded
+                .errors
+                .push(file_error(path, "no such file or folder".into()));
         }
     }
     check_unique(&mut loaded);
+    loaded
+        .errors
+        .sort_by(|a, b| (&a.file, a.pos).cmp(&(&b.file, b.pos)));
     loaded
 }
 
@@ -116,7 +124,18 @@ fn is_spec_file(path: &Path) -> bool {
     !is_ignored_name(name) && (name.ends_with(".yaml") || name.ends_with(".yml"))
 }
 
-fn collect_spec_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+fn collect_spec_files(
+    dir: &Path,
+    out: &mut Vec<PathBuf>,
+    visited: &mut Vec<PathBuf>,
+) -> std::io::Result<()> {
+    // Symlinked folders are followed, but each real folder is read once: a link to an
+    // ancestor must not loop forever.
+    let real = dir.canonicalize()?;
+    if visited.contains(&real) {
+        return Ok(());
+    }
+    visited.push(real);
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let path = entry.path();
@@ -126,7 +145,7 @@ fn collect_spec_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()>
         }
         // Follow symlinks: a Nix-built source is a tree of links into the store.
         if path.is_dir() {
-            collect_spec_files(&path, out)?;
+            collect_spec_files(&path, out, visited)?;
         } else if is_spec_file(&path) {
             out.push(path);
         }
@@ -135,7 +154,12 @@ fn collect_spec_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()>
 }
 
 fn file_error(file: &Path, message: String) -> SpecError {
-    SpecError { file: file.to_path_buf(), pos: Pos { line: 1, col: 1 }, field: "file".into(), message }
+    SpecError {
+        file: file.to_path_buf(),
+        pos: Pos { line: 1, col: 1 },
+        field: "file".into(),
+        message,
+    }
 }
 
 /// Loads one file's documents into `loaded`.
@@ -143,7 +167,9 @@ pub fn load_file(file: &Path, root: &Path, loaded: &mut Loaded) {
     let bytes = match std::fs::read(file) {
         Ok(b) => b,
         Err(e) => {
-            loaded.errors.push(file_error(file, format!("cannot read: {e}")));
+            loaded
+                .errors
+                .push(file_error(file, format!("cannot read: {e}")));
             return;
         }
     };
@@ -163,7 +189,10 @@ pub fn load_file(file: &Path, root: &Path, loaded: &mut Loaded) {
         }
     };
     if text.contains('\0') {
-        loaded.errors.push(file_error(file, "not a text file (contains NUL bytes)".into()));
+        loaded.errors.push(file_error(
+            file,
+            "not a text file (contains NUL bytes)".into(),
+        ));
         return;
     }
     let docs = match yaml::load_documents(text) {
@@ -179,12 +208,20 @@ pub fn load_file(file: &Path, root: &Path, loaded: &mut Loaded) {
         }
     };
     if docs.is_empty() {
-        loaded.errors.push(file_error(file, "holds no app spec (the file is empty)".into()));
+        loaded.errors.push(file_error(
+            file,
+            "holds no app spec (the file is empty)".into(),
+        ));
         return;
     }
     for doc in docs {
         match parse_document(&doc, file, root) {
-            Ok(spec) => loaded.apps.push(LoadedApp { spec, file: file.to_path_buf(), pos: doc.pos, doc }),
+            Ok(spec) => loaded.apps.push(LoadedApp {
+                spec,
+                file: file.to_path_buf(),
+                pos: doc.pos,
+                doc,
+            }),
             Err(errors) => {
                 if let Some(name) = readable_name(&doc) {
                     loaded.invalid_names.push((name, errors[0].clone()));
@@ -207,14 +244,21 @@ fn parse_document(doc: &Node, file: &Path, root: &Path) -> Result<AppSpec, Vec<S
     let locate = |path: &[PathSeg], key: bool, message: String| SpecError {
         file: file.to_path_buf(),
         pos: doc.locate(path, key),
-        field: if path.is_empty() { "(document)".into() } else { yaml::render_path(path) },
+        field: if path.is_empty() {
+            "(document)".into()
+        } else {
+            yaml::render_path(path)
+        },
         message,
     };
     if !matches!(doc.kind, yaml::NodeKind::Map(_)) {
         return Err(vec![locate(
             &[],
             false,
-            format!("expected a mapping describing one app, found {}", doc.describe()),
+            format!(
+                "expected a mapping describing one app, found {}",
+                doc.describe()
+            ),
         )]);
     }
     let json = doc.to_json();
@@ -230,7 +274,10 @@ fn parse_document(doc: &Node, file: &Path, root: &Path) -> Result<AppSpec, Vec<S
     if problems.is_empty() {
         Ok(spec.normalized())
     } else {
-        Err(problems.into_iter().map(|(path, msg)| locate(&path, false, msg)).collect())
+        Err(problems
+            .into_iter()
+            .map(|(path, msg)| locate(&path, false, msg))
+            .collect())
     }
 }
 
@@ -257,6 +304,12 @@ fn explain_serde_error(mut path: Vec<PathSeg>, message: &str) -> (Vec<PathSeg>, 
         }
         let hint = suggest(unknown, expected)
             .map(|s| format!(" (did you mean `{s}`?)"))
+            .or_else(|| {
+                (path.len() == 1)
+                    .then(|| nested_home(unknown))
+                    .flatten()
+                    .map(|h| format!(" (did you mean `{h}.{unknown}`?)"))
+            })
             .unwrap_or_else(|| format!(" (expected one of: {})", expected.join(", ")));
         return (path, true, format!("unknown field `{unknown}`{hint}"));
     }
@@ -272,14 +325,36 @@ fn explain_serde_error(mut path: Vec<PathSeg>, message: &str) -> (Vec<PathSeg>, 
         let field = quoted.first().copied().unwrap_or("");
         return (path, false, format!("missing required field `{field}`"));
     }
-    (path, false, message.to_string())
+    let message = message
+        .replace("expected u32", "expected a whole number (0 or more)")
+        .replace("expected u16", "expected a port number (1 to 65535)")
+        .replace("expected f64", "expected a number");
+    (path, false, message)
+}
+
+/// The section a top-level field probably belongs in (`strategy` -> `deploy`).
+fn nested_home(field: &str) -> Option<&'static str> {
+    Some(match field {
+        "context" | "dockerfile" | "args" | "target" => "build",
+        "path" | "interval" | "timeout" | "healthy_threshold" | "unhealthy_threshold" => "health",
+        "strategy" | "max_surge" | "max_unavailable" | "drain_timeout" | "progress_deadline" => {
+            "deploy"
+        }
+        "memory" | "cpus" => "resources",
+        _ => return None,
+    })
 }
 
 /// The closest known name, if it is close enough to be a typo.
 pub fn suggest<'a>(unknown: &str, known: &[&'a str]) -> Option<&'a str> {
     known
         .iter()
-        .map(|k| (strsim::jaro_winkler(&unknown.to_lowercase(), &k.to_lowercase()), *k))
+        .map(|k| {
+            (
+                strsim::jaro_winkler(&unknown.to_lowercase(), &k.to_lowercase()),
+                *k,
+            )
+        })
         .filter(|(score, _)| *score > 0.8)
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, k)| k)
@@ -293,7 +368,10 @@ fn field(name: &str) -> PathSeg {
 fn validate(spec: &AppSpec, file: &Path, root: &Path) -> Vec<(Vec<PathSeg>, String)> {
     let mut problems = Vec::new();
     if spec.api_version != API_VERSION {
-        problems.push((vec![field("apiVersion")], format!("must be `{API_VERSION}`")));
+        problems.push((
+            vec![field("apiVersion")],
+            format!("must be `{API_VERSION}`"),
+        ));
     }
     if spec.kind != "App" {
         problems.push((vec![field("kind")], "must be `App`".to_string()));
@@ -301,7 +379,11 @@ fn validate(spec: &AppSpec, file: &Path, root: &Path) -> Vec<(Vec<PathSeg>, Stri
     if let Err(e) = validate_dns_label(&spec.name) {
         problems.push((vec![field("name")], e));
     }
-    let sources = [spec.build.is_some(), spec.image.is_some(), spec.runtime == Runtime::Exec];
+    let sources = [
+        spec.build.is_some(),
+        spec.image.is_some(),
+        spec.runtime == Runtime::Exec,
+    ];
     match sources.iter().filter(|s| **s).count() {
         1 => {}
         0 => problems.push((
@@ -310,34 +392,59 @@ fn validate(spec: &AppSpec, file: &Path, root: &Path) -> Vec<(Vec<PathSeg>, Stri
         )),
         _ => {
             let (path, what) = if spec.runtime == Runtime::Exec {
-                (if spec.build.is_some() { "build" } else { "image" }, "`runtime: exec` runs a program on the node and takes no `build` or `image`")
+                (
+                    if spec.build.is_some() {
+                        "build"
+                    } else {
+                        "image"
+                    },
+                    "`runtime: exec` runs a program on the node and takes no `build` or `image`",
+                )
             } else {
-                ("image", "`build` and `image` are exclusive: give exactly one")
+                (
+                    "image",
+                    "`build` and `image` are exclusive: give exactly one",
+                )
             };
             problems.push((vec![field(path)], what.to_string()));
         }
     }
     if spec.runtime == Runtime::Exec && spec.command.as_ref().is_none_or(|c| c.is_empty()) {
-        problems.push((vec![field("command")], "`runtime: exec` needs a `command` to run".to_string()));
+        problems.push((
+            vec![field("command")],
+            "`runtime: exec` needs a `command` to run".to_string(),
+        ));
     }
     if let Some(command) = &spec.command {
         if command.is_empty() {
-            problems.push((vec![field("command")], "must not be empty when given".to_string()));
+            problems.push((
+                vec![field("command")],
+                "must not be empty when given".to_string(),
+            ));
         }
     }
     if let Some(image) = &spec.image {
         if image.trim().is_empty() || image.contains(char::is_whitespace) {
-            problems.push((vec![field("image")], "must be an image reference such as registry.example.com/app:1.2".to_string()));
+            problems.push((
+                vec![field("image")],
+                "must be an image reference such as registry.example.com/app:1.2".to_string(),
+            ));
         }
     }
     if let Some(port) = spec.port {
         if port == 0 {
-            problems.push((vec![field("port")], "must be between 1 and 65535".to_string()));
+            problems.push((
+                vec![field("port")],
+                "must be between 1 and 65535".to_string(),
+            ));
         }
     }
-    for (key, _) in &spec.env {
+    for key in spec.env.keys() {
         if key.is_empty() || key.contains('=') || key.contains('\0') {
-            problems.push((vec![field("env"), field(key)], "is not a valid environment variable name".to_string()));
+            problems.push((
+                vec![field("env"), field(key)],
+                "is not a valid environment variable name".to_string(),
+            ));
         }
     }
     let mut seen_domains = HashMap::new();
@@ -345,7 +452,10 @@ fn validate(spec: &AppSpec, file: &Path, root: &Path) -> Vec<(Vec<PathSeg>, Stri
         match normalize_hostname(domain) {
             Ok(host) => {
                 if let Some(first) = seen_domains.insert(host.clone(), i) {
-                    problems.push((vec![field("domains"), PathSeg::Index(i)], format!("`{host}` is listed twice (first at domains[{first}])")));
+                    problems.push((
+                        vec![field("domains"), PathSeg::Index(i)],
+                        format!("`{host}` is listed twice (first at domains[{first}])"),
+                    ));
                 }
             }
             Err(e) => problems.push((vec![field("domains"), PathSeg::Index(i)], e)),
@@ -354,41 +464,66 @@ fn validate(spec: &AppSpec, file: &Path, root: &Path) -> Vec<(Vec<PathSeg>, Stri
     if let Some(health) = &spec.health {
         if let Some(path) = &health.path {
             if !path.starts_with('/') {
-                problems.push((vec![field("health"), field("path")], "must start with `/`".to_string()));
+                problems.push((
+                    vec![field("health"), field("path")],
+                    "must start with `/`".to_string(),
+                ));
             }
         }
         if health.interval.0.is_zero() {
-            problems.push((vec![field("health"), field("interval")], "must be greater than zero".to_string()));
+            problems.push((
+                vec![field("health"), field("interval")],
+                "must be greater than zero".to_string(),
+            ));
         }
         if health.timeout.0.is_zero() {
-            problems.push((vec![field("health"), field("timeout")], "must be greater than zero".to_string()));
+            problems.push((
+                vec![field("health"), field("timeout")],
+                "must be greater than zero".to_string(),
+            ));
         }
         if health.healthy_threshold == 0 {
-            problems.push((vec![field("health"), field("healthy_threshold")], "must be at least 1".to_string()));
+            problems.push((
+                vec![field("health"), field("healthy_threshold")],
+                "must be at least 1".to_string(),
+            ));
         }
         if health.unhealthy_threshold == 0 {
-            problems.push((vec![field("health"), field("unhealthy_threshold")], "must be at least 1".to_string()));
+            problems.push((
+                vec![field("health"), field("unhealthy_threshold")],
+                "must be at least 1".to_string(),
+            ));
         }
     }
     let deploy = &spec.deploy;
-    if deploy.strategy == Strategy::Rolling && deploy.max_surge == 0 && deploy.max_unavailable == 0 {
+    if deploy.strategy == Strategy::Rolling && deploy.max_surge == 0 && deploy.max_unavailable == 0
+    {
         problems.push((
             vec![field("deploy"), field("max_surge")],
             "`max_surge` and `max_unavailable` cannot both be 0: a rolling update could never make progress".to_string(),
         ));
     }
     if deploy.progress_deadline.0.is_zero() {
-        problems.push((vec![field("deploy"), field("progress_deadline")], "must be greater than zero".to_string()));
+        problems.push((
+            vec![field("deploy"), field("progress_deadline")],
+            "must be greater than zero".to_string(),
+        ));
     }
     if let Some(res) = &spec.resources {
         if let Some(cpus) = res.cpus {
             if !(cpus > 0.0 && cpus.is_finite()) {
-                problems.push((vec![field("resources"), field("cpus")], "must be greater than zero".to_string()));
+                problems.push((
+                    vec![field("resources"), field("cpus")],
+                    "must be greater than zero".to_string(),
+                ));
             }
         }
         if let Some(mem) = res.memory {
             if mem.0 < 6 << 20 {
-                problems.push((vec![field("resources"), field("memory")], "must be at least 6Mi (the Docker engine's minimum)".to_string()));
+                problems.push((
+                    vec![field("resources"), field("memory")],
+                    "must be at least 6Mi (the Docker engine's minimum)".to_string(),
+                ));
             }
         }
     }
@@ -404,14 +539,20 @@ fn validate_build(build: &BuildSpec, file: &Path, root: &Path) -> Vec<(Vec<PathS
     let mut problems = Vec::new();
     let context_path = vec![field("build"), field("context")];
     if Path::new(&build.context).is_absolute() {
-        problems.push((context_path, "must be relative to the spec file".to_string()));
+        problems.push((
+            context_path,
+            "must be relative to the spec file".to_string(),
+        ));
         return problems;
     }
     let file_dir = match file.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let (root_real, context_real) = match (root.canonicalize(), file_dir.join(&build.context).canonicalize()) {
+    let (root_real, context_real) = match (
+        root.canonicalize(),
+        file_dir.join(&build.context).canonicalize(),
+    ) {
         (Ok(r), Ok(c)) => (r, c),
         (Err(e), _) => {
             problems.push((context_path, format!("cannot resolve the source root: {e}")));
@@ -425,7 +566,11 @@ fn validate_build(build: &BuildSpec, file: &Path, root: &Path) -> Vec<(Vec<PathS
     if !context_real.starts_with(&root_real) {
         problems.push((
             context_path,
-            format!("`{}` leaves the source root {}", build.context, root_real.display()),
+            format!(
+                "`{}` leaves the source root `{}`",
+                build.context,
+                root.display()
+            ),
         ));
         return problems;
     }
@@ -435,7 +580,10 @@ fn validate_build(build: &BuildSpec, file: &Path, root: &Path) -> Vec<(Vec<PathS
     }
     let dockerfile_path = vec![field("build"), field("dockerfile")];
     if Path::new(&build.dockerfile).is_absolute() {
-        problems.push((dockerfile_path, "must be relative to the build context".to_string()));
+        problems.push((
+            dockerfile_path,
+            "must be relative to the build context".to_string(),
+        ));
         return problems;
     }
     match context_real.join(&build.dockerfile).canonicalize() {
@@ -443,7 +591,10 @@ fn validate_build(build: &BuildSpec, file: &Path, root: &Path) -> Vec<(Vec<PathS
             dockerfile_path,
             format!("`{}` leaves the build context", build.dockerfile),
         )),
-        Ok(d) if !d.is_file() => problems.push((dockerfile_path, format!("`{}` is not a file", build.dockerfile))),
+        Ok(d) if !d.is_file() => problems.push((
+            dockerfile_path,
+            format!("`{}` is not a file", build.dockerfile),
+        )),
         Ok(_) => {}
         Err(_) => problems.push((
             dockerfile_path,
@@ -464,11 +615,18 @@ pub fn validate_dns_label(name: &str) -> Result<(), String> {
     if name.chars().any(|c| c.is_ascii_uppercase()) {
         return Err(format!("`{name}` must be lowercase (a DNS label)"));
     }
-    if !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
-        return Err(format!("`{name}` may only hold lowercase letters, digits and `-` (a DNS label)"));
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        return Err(format!(
+            "`{name}` may only hold lowercase letters, digits and `-` (a DNS label)"
+        ));
     }
     if name.starts_with('-') || name.ends_with('-') {
-        return Err(format!("`{name}` must not start or end with `-` (a DNS label)"));
+        return Err(format!(
+            "`{name}` must not start or end with `-` (a DNS label)"
+        ));
     }
     Ok(())
 }
@@ -479,7 +637,9 @@ pub fn normalize_hostname(host: &str) -> Result<String, String> {
     let lower = host.trim().to_ascii_lowercase();
     let h = lower.strip_suffix('.').unwrap_or(&lower);
     if h.contains("://") || h.contains('/') {
-        return Err(format!("`{host}` must be a bare hostname, without scheme or path"));
+        return Err(format!(
+            "`{host}` must be a bare hostname, without scheme or path"
+        ));
     }
     if h.contains(':') {
         return Err(format!("`{host}` must not carry a port"));
@@ -488,7 +648,9 @@ pub fn normalize_hostname(host: &str) -> Result<String, String> {
         return Err(format!("`{host}`: wildcard domains are not supported"));
     }
     if h.is_empty() || h.len() > 253 {
-        return Err(format!("`{host}` is not a valid hostname (1 to 253 characters)"));
+        return Err(format!(
+            "`{host}` is not a valid hostname (1 to 253 characters)"
+        ));
     }
     for label in h.split('.') {
         let ok = !label.is_empty()
@@ -497,7 +659,9 @@ pub fn normalize_hostname(host: &str) -> Result<String, String> {
             && !label.starts_with('-')
             && !label.ends_with('-');
         if !ok {
-            return Err(format!("`{host}` is not a valid hostname (label `{label}`)"));
+            return Err(format!(
+                "`{host}` is not a valid hostname (label `{label}`)"
+            ));
         }
     }
     Ok(h.to_string())
@@ -517,7 +681,13 @@ fn check_unique(loaded: &mut Loaded) {
                 file: app.file.clone(),
                 pos: name_pos(&[field("name")]),
                 field: "name".into(),
-                message: format!("app `{}` is already defined at {}:{}:{}", app.spec.name, file.display(), pos.line, pos.col),
+                message: format!(
+                    "app `{}` is already defined at {}:{}:{}",
+                    app.spec.name,
+                    file.display(),
+                    pos.line,
+                    pos.col
+                ),
             });
         }
         for (i, domain) in app.spec.domains.iter().enumerate() {
@@ -527,22 +697,37 @@ fn check_unique(loaded: &mut Loaded) {
                         file: app.file.clone(),
                         pos: name_pos(&[field("domains"), PathSeg::Index(i)]),
                         field: format!("domains[{i}]"),
-                        message: format!("domain `{domain}` is already used by app `{other}` at {}:{}:{}", file.display(), pos.line, pos.col),
+                        message: format!(
+                            "domain `{domain}` is already used by app `{other}` at {}:{}:{}",
+                            file.display(),
+                            pos.line,
+                            pos.col
+                        ),
                     });
                 }
             }
         }
         if errors.is_empty() {
-            names.insert(app.spec.name.clone(), (app.file.clone(), app.doc.locate(&[field("name")], false)));
+            names.insert(
+                app.spec.name.clone(),
+                (app.file.clone(), app.doc.locate(&[field("name")], false)),
+            );
             for (i, domain) in app.spec.domains.iter().enumerate() {
                 domains.insert(
                     domain.clone(),
-                    (app.spec.name.clone(), app.file.clone(), app.doc.locate(&[field("domains"), PathSeg::Index(i)], false)),
+                    (
+                        app.spec.name.clone(),
+                        app.file.clone(),
+                        app.doc
+                            .locate(&[field("domains"), PathSeg::Index(i)], false),
+                    ),
                 );
             }
             keep.push(app);
         } else {
-            loaded.invalid_names.push((app.spec.name.clone(), errors[0].clone()));
+            loaded
+                .invalid_names
+                .push((app.spec.name.clone(), errors[0].clone()));
             loaded.errors.extend(errors);
         }
     }

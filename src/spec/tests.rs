@@ -40,7 +40,11 @@ fn hash_ignores_formatting_and_spelled_out_defaults() {
 #[test]
 fn unknown_field_suggests_and_points_at_key() {
     let dir = tempfile::tempdir().unwrap();
-    let f = write(dir.path(), "a.yaml", "apiVersion: berth/v1\nkind: App\nname: hello\nimage: x\nreplica: 2\n");
+    let f = write(
+        dir.path(),
+        "a.yaml",
+        "apiVersion: berth/v1\nkind: App\nname: hello\nimage: x\nreplica: 2\n",
+    );
     let loaded = load_paths(&[f]);
     let e = &loaded.errors[0];
     assert_eq!((e.pos.line, e.pos.col), (5, 1));
@@ -52,7 +56,11 @@ fn unknown_field_suggests_and_points_at_key() {
 #[test]
 fn nested_type_error_is_located() {
     let dir = tempfile::tempdir().unwrap();
-    let f = write(dir.path(), "a.yaml", "apiVersion: berth/v1\nkind: App\nname: hello\nimage: x\ndeploy:\n  max_surge: lots\n");
+    let f = write(
+        dir.path(),
+        "a.yaml",
+        "apiVersion: berth/v1\nkind: App\nname: hello\nimage: x\ndeploy:\n  max_surge: lots\n",
+    );
     let e = &load_paths(&[f]).errors[0];
     assert_eq!(e.field, "deploy.max_surge");
     assert_eq!((e.pos.line, e.pos.col), (6, 14));
@@ -65,7 +73,8 @@ fn context_may_not_escape_root_even_through_symlinks() {
     let root = dir.path().join("specs");
     write(&root, "app/Dockerfile", "FROM scratch\n");
     std::os::unix::fs::symlink(outside.path(), root.join("sneaky")).unwrap();
-    let spec = |ctx: &str| format!("apiVersion: berth/v1\nkind: App\nname: a\nbuild:\n  context: {ctx}\n");
+    let spec =
+        |ctx: &str| format!("apiVersion: berth/v1\nkind: App\nname: a\nbuild:\n  context: {ctx}\n");
     write(&root, "ok.yaml", &spec("app"));
     let loaded = load_paths(std::slice::from_ref(&root));
     assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
@@ -83,26 +92,52 @@ fn duplicates_across_files_name_the_first() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "a.yaml", HELLO);
     write(dir.path(), "b.yaml", HELLO);
-    write(dir.path(), "c.yaml", &HELLO.replace("name: hello", "name: other"));
+    write(
+        dir.path(),
+        "c.yaml",
+        &HELLO.replace("name: hello", "name: other"),
+    );
     let loaded = load_paths(&[dir.path().to_path_buf()]);
     assert_eq!(loaded.apps.len(), 1);
     assert_eq!(loaded.errors.len(), 2, "{:?}", loaded.errors);
     assert!(loaded.errors[0].message.contains("already defined at"));
-    assert!(loaded.errors[1].message.contains("already used by app `hello`"));
+    assert!(
+        loaded.errors[1]
+            .message
+            .contains("already used by app `hello`")
+    );
 }
 
 #[test]
 fn exactly_one_source() {
     let dir = tempfile::tempdir().unwrap();
-    let f = write(dir.path(), "a.yaml", "apiVersion: berth/v1\nkind: App\nname: a\n");
-    assert!(load_paths(&[f]).errors[0].message.contains("exactly one of"));
-    let f = write(dir.path(), "b.yaml", "apiVersion: berth/v1\nkind: App\nname: b\nruntime: exec\ncommand: [/bin/true]\n");
+    let f = write(
+        dir.path(),
+        "a.yaml",
+        "apiVersion: berth/v1\nkind: App\nname: a\n",
+    );
+    assert!(
+        load_paths(&[f]).errors[0]
+            .message
+            .contains("exactly one of")
+    );
+    let f = write(
+        dir.path(),
+        "b.yaml",
+        "apiVersion: berth/v1\nkind: App\nname: b\nruntime: exec\ncommand: [/bin/true]\n",
+    );
     assert!(load_paths(&[f]).errors.is_empty());
 }
 
 #[test]
 fn ignored_names() {
-    for n in [".hidden.yaml", "a.yaml~", ".a.yaml.swp", "#a.yaml#", "a.yaml.tmp"] {
+    for n in [
+        ".hidden.yaml",
+        "a.yaml~",
+        ".a.yaml.swp",
+        "#a.yaml#",
+        "a.yaml.tmp",
+    ] {
         assert!(is_ignored_name(n), "{n}");
     }
     assert!(!is_ignored_name("a.yaml"));

@@ -24,15 +24,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let mut total = Duration::ZERO;
     let mut rest = s;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
         if digits == 0 {
-            return Err(format!("`{s}` is not a duration (use a number with a unit: 500ms, 1s, 5m, 1h)"));
+            return Err(format!(
+                "`{s}` is not a duration (use a number with a unit: 500ms, 1s, 5m, 1h)"
+            ));
         }
         let number: f64 = rest[..digits]
             .parse()
             .map_err(|_| format!("`{s}` is not a duration"))?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
         let scale = match unit {
@@ -41,7 +47,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "m" => 60.0,
             "h" => 3600.0,
             "" => return Err(format!("`{s}` needs a unit (ms, s, m or h)")),
-            other => return Err(format!("unknown duration unit `{other}` in `{s}` (use ms, s, m or h)")),
+            other => {
+                return Err(format!(
+                    "unknown duration unit `{other}` in `{s}` (use ms, s, m or h)"
+                ));
+            }
         };
         total += Duration::from_secs_f64(number * scale);
     }
@@ -76,7 +86,9 @@ impl Serialize for SpecDuration {
 impl<'de> Deserialize<'de> for SpecDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        parse_duration(&s).map(SpecDuration).map_err(serde::de::Error::custom)
+        parse_duration(&s)
+            .map(SpecDuration)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -99,11 +111,15 @@ pub struct ByteSize(pub u64);
 
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
-    let digits = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let digits = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     if digits == 0 {
         return Err(format!("`{s}` is not a size (use e.g. 256Mi, 1Gi, 512M)"));
     }
-    let number: f64 = s[..digits].parse().map_err(|_| format!("`{s}` is not a size"))?;
+    let number: f64 = s[..digits]
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size"))?;
     let scale: u64 = match &s[digits..] {
         "" => 1,
         "k" | "K" => 1000,
@@ -114,7 +130,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "Mi" => 1 << 20,
         "Gi" => 1 << 30,
         "Ti" => 1 << 40,
-        other => return Err(format!("unknown size unit `{other}` in `{s}` (use K, M, G, T, Ki, Mi, Gi or Ti)")),
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` in `{s}` (use K, M, G, T, Ki, Mi, Gi or Ti)"
+            ));
+        }
     };
     let bytes = number * scale as f64;
     if !bytes.is_finite() || bytes > u64::MAX as f64 {
@@ -141,7 +161,9 @@ impl<'de> Deserialize<'de> for ByteSize {
             serde::de::Error::custom("expected a size such as 256Mi, 1Gi or a number of bytes")
         })? {
             Raw::Number(n) => Ok(ByteSize(n)),
-            Raw::Text(t) => parse_size(&t).map(ByteSize).map_err(serde::de::Error::custom),
+            Raw::Text(t) => parse_size(&t)
+                .map(ByteSize)
+                .map_err(serde::de::Error::custom),
         }
     }
 }
@@ -172,7 +194,11 @@ mod tests {
         assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
         assert!(parse_duration("10").unwrap_err().contains("needs a unit"));
-        assert!(parse_duration("3d").unwrap_err().contains("unknown duration unit"));
+        assert!(
+            parse_duration("3d")
+                .unwrap_err()
+                .contains("unknown duration unit")
+        );
         assert!(parse_duration("fast").is_err());
         assert_eq!(format_duration(Duration::from_secs(300)), "5m");
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");

@@ -23,7 +23,10 @@ pub struct Pos {
 impl Pos {
     fn from_marker(m: Marker) -> Self {
         // yaml-rust2 lines are 1-based, columns 0-based.
-        Pos { line: m.line().max(1), col: m.col() + 1 }
+        Pos {
+            line: m.line().max(1),
+            col: m.col() + 1,
+        }
     }
 }
 
@@ -36,7 +39,10 @@ pub struct Node {
 
 #[derive(Debug, Clone)]
 pub enum NodeKind {
-    Scalar { value: String, plain: bool },
+    Scalar {
+        value: String,
+        plain: bool,
+    },
     Seq(Vec<Node>),
     /// Entries keep source order; the key's own position is kept for "unknown field" errors.
     Map(Vec<MapEntry>),
@@ -114,7 +120,11 @@ impl TreeBuilder {
                         })
                     }
                 },
-                Some((key, key_pos)) => entries.push(MapEntry { key, key_pos, value: node }),
+                Some((key, key_pos)) => entries.push(MapEntry {
+                    key,
+                    key_pos,
+                    value: node,
+                }),
             },
             NodeKind::Scalar { .. } => unreachable!("scalars are never on the stack"),
         }
@@ -141,15 +151,34 @@ impl MarkedEventReceiver for TreeBuilder {
                 self.push_value(node);
             }
             Event::SequenceStart(anchor, _) => {
-                self.stack.push((Node { pos, kind: NodeKind::Seq(Vec::new()) }, None));
+                self.stack.push((
+                    Node {
+                        pos,
+                        kind: NodeKind::Seq(Vec::new()),
+                    },
+                    None,
+                ));
                 self.open_anchors.push(anchor);
             }
             Event::MappingStart(anchor, _) => {
-                self.stack.push((Node { pos, kind: NodeKind::Map(Vec::new()) }, None));
+                self.stack.push((
+                    Node {
+                        pos,
+                        kind: NodeKind::Map(Vec::new()),
+                    },
+                    None,
+                ));
                 self.open_anchors.push(anchor);
             }
             Event::SequenceEnd | Event::MappingEnd => {
-                if let Some((node, _)) = self.stack.pop() {
+                if let Some((mut node, _)) = self.stack.pop() {
+                    // A block mapping's start mark can fall after its first key; a mapping
+                    // is where its first key is.
+                    if let NodeKind::Map(entries) = &node.kind {
+                        if let Some(first) = entries.first() {
+                            node.pos = node.pos.min(first.key_pos);
+                        }
+                    }
                     let anchor = self.open_anchors.pop().unwrap_or(0);
                     if anchor > 0 {
                         self.anchors.insert(anchor, node.clone());
@@ -159,20 +188,26 @@ impl MarkedEventReceiver for TreeBuilder {
             }
             Event::Alias(id) => match self.anchors.get(&id) {
                 Some(node) => {
-                    let node = Node { pos, kind: node.kind.clone() };
+                    let node = Node {
+                        pos,
+                        kind: node.kind.clone(),
+                    };
                     self.push_value(node);
                 }
                 None => {
                     if self.error.is_none() {
-                        self.error = Some(YamlError { pos, message: "unknown alias".to_string() });
+                        self.error = Some(YamlError {
+                            pos,
+                            message: "unknown alias".to_string(),
+                        });
                     }
                 }
             },
-            Event::DocumentEnd => {
-                // An empty document (`---` followed by nothing) produces no node at all;
-                // record it as a null scalar so it can be reported.
-            }
-            Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentStart => {}
+            Event::Nothing
+            | Event::DocumentEnd
+            | Event::StreamStart
+            | Event::StreamEnd
+            | Event::DocumentStart => {}
         }
     }
 }
@@ -190,7 +225,10 @@ impl Node {
             }
             NodeKind::Seq(items) => Value::Array(items.iter().map(Node::to_json).collect()),
             NodeKind::Map(entries) => Value::Object(
-                entries.iter().map(|e| (e.key.clone(), e.value.to_json())).collect(),
+                entries
+                    .iter()
+                    .map(|e| (e.key.clone(), e.value.to_json()))
+                    .collect(),
             ),
         }
     }
@@ -306,13 +344,20 @@ mod tests {
 
     #[test]
     fn positions_and_types() {
-        let docs = load_documents("a: 1\nb:\n  - x\n  - 'true'\nc: true\n---\nname: two\n").unwrap();
+        let docs =
+            load_documents("a: 1\nb:\n  - x\n  - 'true'\nc: true\n---\nname: two\n").unwrap();
         assert_eq!(docs.len(), 2);
         let json = docs[0].to_json();
-        assert_eq!(json, serde_json::json!({"a": 1, "b": ["x", "true"], "c": true}));
+        assert_eq!(
+            json,
+            serde_json::json!({"a": 1, "b": ["x", "true"], "c": true})
+        );
         let path = [PathSeg::Field("b".into()), PathSeg::Index(1)];
         assert_eq!(docs[0].locate(&path, false), Pos { line: 4, col: 5 });
-        assert_eq!(docs[0].locate(&[PathSeg::Field("c".into())], true), Pos { line: 5, col: 1 });
+        assert_eq!(
+            docs[0].locate(&[PathSeg::Field("c".into())], true),
+            Pos { line: 5, col: 1 }
+        );
     }
 
     #[test]

@@ -1,0 +1,9 @@
+//! berth's integration tests: one binary, real services (Postgres, NATS JetStream, the
+//! Docker engine, the berth binary itself). Run them with scripts/test.sh.
+
+mod cli;
+mod docker;
+mod fixtures;
+mod jetstream;
+mod outbox;
+mod up;
