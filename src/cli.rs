@@ -43,6 +43,10 @@ pub enum Command {
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// Apply spec files or folders once (each PATH is one source), without watching.
+    Apply(SourceArgs),
+    /// Show what `apply` would change; exit 1 when anything would.
+    Plan(SourceArgs),
     /// Print the JSON Schema of an app spec.
     Schema,
     /// Apply the database migrations and exit.
@@ -51,6 +55,50 @@ pub enum Command {
         #[arg(long, env = "BERTH_DATABASE_URL", hide_env_values = true)]
         database_url: String,
     },
+}
+
+/// The arguments of `apply` and `plan`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SourceArgs {
+    /// Spec folders or files; each is one source.
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// Let a source that had apps become empty, deleting them all.
+    #[arg(long)]
+    prune_empty: bool,
+    #[command(flatten)]
+    target: DbTarget,
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    output: Output,
+}
+
+/// Which database a one-shot command works on: the URL, or the `berth up` running from the
+/// data directory.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DbTarget {
+    /// Postgres URL (default: the one of the `berth up` using the data directory).
+    #[arg(long, env = "BERTH_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// The data directory of a local `berth up`.
+    #[arg(long, env = "BERTH_DATA_DIR", default_value = ".berth")]
+    data_dir: PathBuf,
+}
+
+impl DbTarget {
+    fn url(&self) -> Result<String, ConfigError> {
+        if let Some(url) = self.database_url.as_ref().filter(|u| !u.is_empty()) {
+            return Ok(url.clone());
+        }
+        crate::daemon::StateFile::read(&self.data_dir)
+            .map(|s| s.database_url)
+            .map_err(|_| ConfigError {
+                setting: "--database-url / BERTH_DATABASE_URL".into(),
+                message: format!(
+                    "not set, and no `berth up` is running from the data directory {}",
+                    self.data_dir.display()
+                ),
+            })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -63,6 +111,8 @@ pub enum Output {
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Validate { paths, output } => validate(&paths, output),
+        Command::Apply(args) => apply_or_plan(&args, true),
+        Command::Plan(args) => apply_or_plan(&args, false),
         Command::Schema => {
             println!("{}", schema_text());
             ExitCode::SUCCESS
@@ -188,5 +238,119 @@ fn validate(paths: &[PathBuf], output: Output) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_FAILED)
+    }
+}
+
+/// Loads each PATH as one source: a folder, or a single file (its own source).
+fn load_source(path: &std::path::Path) -> anyhow::Result<crate::watcher::apply::SourceSnapshot> {
+    use sha2::Digest;
+    if path.is_dir() {
+        return crate::watcher::load_folder(path)
+            .ok_or_else(|| anyhow::anyhow!("{}: folder is missing", path.display()));
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let digest = sha2::Sha256::digest(&bytes);
+    let abs = std::path::absolute(path)?;
+    Ok(crate::watcher::apply::SourceSnapshot {
+        source: format!("file:{}", abs.display()),
+        revision: crate::watcher::apply::revision_of(&digest),
+        root: path.parent().map(|p| p.to_path_buf()).unwrap_or_default(),
+        loaded: crate::spec::load_paths(&[path.to_path_buf()]),
+    })
+}
+
+fn apply_or_plan(args: &SourceArgs, write: bool) -> ExitCode {
+    let SourceArgs {
+        paths,
+        prune_empty,
+        target,
+        output,
+    } = args;
+    let (prune_empty, output) = (*prune_empty, *output);
+    use crate::watcher::apply::{self, ApplyOptions, Change};
+    let url = match target.url() {
+        Ok(u) => u,
+        Err(e) => return config_exit(e),
+    };
+    let mut sources = Vec::new();
+    for p in paths {
+        match load_source(p) {
+            Ok(s) => sources.push(s),
+            Err(e) => {
+                eprintln!("berth: {e:#}");
+                return ExitCode::from(EXIT_FAILED);
+            }
+        }
+    }
+    let options = ApplyOptions { prune_empty };
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| {
+            rt.block_on(async {
+                let pool = crate::db::connect(&url, 2)
+                    .await
+                    .context("connecting to postgres")?;
+                let mut plans = Vec::new();
+                for s in &sources {
+                    plans.push(if write {
+                        apply::apply(&pool, s, options).await?
+                    } else {
+                        apply::plan(&pool, s, options).await?
+                    });
+                }
+                Ok::<_, anyhow::Error>(plans)
+            })
+        });
+    let plans = match result {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("berth: {e:#}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    if output == Output::Json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&plans).expect("plans serialize")
+        );
+    } else {
+        for plan in &plans {
+            println!("source {} (revision {})", plan.source, plan.revision);
+            let mut unchanged = 0;
+            for c in &plan.changes {
+                match c {
+                    Change::Create { name } => println!("  + {name}: create"),
+                    Change::Update { name, fields } => {
+                        println!("  ~ {name}: update {}", fields.join(", "))
+                    }
+                    Change::Delete { name } => println!("  - {name}: delete"),
+                    Change::Invalid { name, error } => {
+                        println!("  ! {name}: invalid, keeps its running version: {error}")
+                    }
+                    Change::Clear { name } => {
+                        println!("  ~ {name}: spec fixed, back to the running version")
+                    }
+                    Change::Unchanged { .. } => unchanged += 1,
+                }
+            }
+            for e in &plan.errors {
+                println!("  error: {e}");
+            }
+            if let Some(r) = &plan.refused {
+                println!("  refused: {r}");
+            }
+            println!("  {unchanged} unchanged");
+        }
+    }
+    let failed = plans
+        .iter()
+        .any(|p| p.refused.is_some() || !p.errors.is_empty());
+    let changed = plans.iter().any(|p| p.has_changes());
+    if failed || (!write && changed) {
+        ExitCode::from(EXIT_FAILED)
+    } else {
+        ExitCode::SUCCESS
     }
 }

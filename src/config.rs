@@ -40,6 +40,15 @@ pub struct RawConfig {
     /// Secret for the HMAC signature of `POST /v1/hooks/git`.
     #[arg(long, env = "BERTH_GIT_WEBHOOK_SECRET", hide_env_values = true)]
     pub git_webhook_secret: Option<String>,
+    /// Let a source that had apps become empty (deleting them all); refused otherwise.
+    #[arg(long, env = "BERTH_PRUNE_EMPTY")]
+    pub prune_empty: bool,
+    /// Quiet time after a spec file changes before the folder is read.
+    #[arg(long, env = "BERTH_WATCH_DEBOUNCE", default_value = "100ms")]
+    pub watch_debounce: String,
+    /// Period of the full rescan of spec folders (a safety net for missed file events).
+    #[arg(long, env = "BERTH_RESCAN_INTERVAL", default_value = "60s")]
+    pub rescan_interval: String,
     /// Where the edge listens for HTTP.
     #[arg(long, env = "BERTH_EDGE_LISTEN", default_value = "127.0.0.1:8080")]
     pub edge_listen: String,
@@ -113,6 +122,9 @@ pub struct Config {
     pub nats_url: Option<String>,
     pub specs: Option<PathBuf>,
     pub git: Option<GitConfig>,
+    pub prune_empty: bool,
+    pub watch_debounce: Duration,
+    pub rescan_interval: Duration,
     pub edge_listen: SocketAddr,
     pub edge_tls_listen: Option<SocketAddr>,
     pub tls_dir: Option<PathBuf>,
@@ -184,6 +196,16 @@ impl RawConfig {
             }
             _ => None,
         };
+        let watch_debounce =
+            parse_duration(&self.watch_debounce).map_err(|e| err("watch-debounce", e))?;
+        if watch_debounce > Duration::from_secs(10) {
+            return Err(err("watch-debounce", "must be at most 10s"));
+        }
+        let rescan_interval =
+            parse_duration(&self.rescan_interval).map_err(|e| err("rescan-interval", e))?;
+        if rescan_interval < Duration::from_secs(1) {
+            return Err(err("rescan-interval", "must be at least 1s"));
+        }
         let edge_listen = parse_addr("edge-listen", &self.edge_listen)?;
         let edge_tls_listen = match &self.edge_tls_listen {
             Some(a) if !a.is_empty() => Some(parse_addr("edge-tls-listen", a)?),
@@ -228,6 +250,9 @@ impl RawConfig {
             nats_url,
             specs: self.specs.clone(),
             git,
+            prune_empty: self.prune_empty,
+            watch_debounce,
+            rescan_interval,
             edge_listen,
             edge_tls_listen,
             tls_dir: self.tls_dir.clone(),

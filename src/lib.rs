@@ -19,5 +19,7 @@ pub mod config;
 pub mod daemon;
 pub mod db;
 pub mod events;
+pub mod leader;
 pub mod spec;
 pub mod telemetry;
+pub mod watcher;

@@ -21,14 +21,16 @@ use crate::config::Config;
 /// A part of berth that `berth up --components` can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Component {
+    Watcher,
     Api,
 }
 
 impl Component {
-    pub const ALL: [Component; 1] = [Component::Api];
+    pub const ALL: [Component; 2] = [Component::Watcher, Component::Api];
 
     pub fn name(self) -> &'static str {
         match self {
+            Component::Watcher => "watcher",
             Component::Api => "api",
         }
     }
@@ -153,6 +155,28 @@ async fn run_components(
     let mut api_url = String::new();
     for component in components {
         match component {
+            Component::Watcher => {
+                let deps = crate::watcher::WatcherDeps {
+                    pool: pool.clone(),
+                    database_url: database_url.clone(),
+                    nats: Some(nats.clone()),
+                    specs: config.specs.clone(),
+                    git: config.git.clone(),
+                    data_dir: config.data_dir.clone(),
+                    options: crate::watcher::apply::ApplyOptions {
+                        prune_empty: config.prune_empty,
+                    },
+                    debounce: config.watch_debounce,
+                    rescan: config.rescan_interval,
+                };
+                spawn_component(
+                    &tracker,
+                    &failure,
+                    *component,
+                    shutdown.clone(),
+                    crate::watcher::run(deps, shutdown.clone()),
+                );
+            }
             Component::Api => {
                 let listener = tokio::net::TcpListener::bind(config.api_listen)
                     .await
@@ -161,6 +185,8 @@ async fn run_components(
                 let state = crate::api::ApiState {
                     pool: pool.clone(),
                     nats: nats.clone(),
+                    api_token: config.api_token.clone(),
+                    webhook_secret: config.git.as_ref().and_then(|g| g.webhook_secret.clone()),
                 };
                 spawn_component(
                     &tracker,

@@ -124,7 +124,7 @@ fn is_spec_file(path: &Path) -> bool {
     !is_ignored_name(name) && (name.ends_with(".yaml") || name.ends_with(".yml"))
 }
 
-fn collect_spec_files(
+pub(crate) fn collect_spec_files(
     dir: &Path,
     out: &mut Vec<PathBuf>,
     visited: &mut Vec<PathBuf>,

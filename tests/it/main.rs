@@ -7,3 +7,4 @@ mod fixtures;
 mod jetstream;
 mod outbox;
 mod up;
+mod watcher;
