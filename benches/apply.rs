@@ -4,6 +4,8 @@
 //! Run with scripts/bench.sh apply (it starts the test Postgres and sets
 //! BERTH_TEST_DATABASE_URL). Each run uses a fresh database.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use berth::watcher::apply::{self, ApplyOptions};
@@ -11,18 +13,12 @@ use berth::watcher::apply::{self, ApplyOptions};
 const APPS: usize = 10_000;
 
 fn main() -> anyhow::Result<()> {
-    let admin = std::env::var("BERTH_TEST_DATABASE_URL")
-        .map_err(|_| anyhow::anyhow!("set BERTH_TEST_DATABASE_URL (scripts/bench.sh does)"))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let db = format!("berth_bench_{}", std::process::id());
-        let admin_pool = sqlx::PgPool::connect(&admin).await?;
-        sqlx::query(&format!("create database {db}")).execute(&admin_pool).await?;
-        let url = format!("{}/{db}", &admin[..admin.rfind('/').unwrap()]);
-        let pool = berth::db::connect(&url, 4).await?;
-        berth::db::migrate(&pool).await?;
+        let bench_db = common::BenchDb::create(4).await?;
+        let pool = bench_db.pool.clone();
 
         let dir = tempfile::tempdir()?;
         for i in 0..APPS {
@@ -61,8 +57,7 @@ fn main() -> anyhow::Result<()> {
         let _ = apply::folder_revision(dir.path());
         time("no-op rescan: revision hash only (watcher)", t.elapsed());
 
-        pool.close().await;
-        sqlx::query(&format!("drop database {db} with (force)")).execute(&admin_pool).await?;
+        bench_db.drop_database().await?;
         Ok(())
     })
 }

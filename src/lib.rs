@@ -20,6 +20,8 @@ pub mod daemon;
 pub mod db;
 pub mod events;
 pub mod leader;
+pub mod listener;
+pub mod metrics;
 pub mod spec;
 pub mod telemetry;
 pub mod watcher;

@@ -1,5 +1,6 @@
 //! The HTTP API (DESIGN §5). For now: `GET /healthz` (the process's own connections to
-//! Postgres and NATS) and `POST /v1/hooks/git` (a signed push wakes the watcher).
+//! Postgres and NATS), `GET /metrics` (Prometheus text) and `POST /v1/hooks/git` (a signed
+//! push wakes the watcher).
 //!
 //! `run` takes an already-bound listener and a shutdown token, so tests bind port 0.
 
@@ -24,6 +25,8 @@ pub struct ApiState {
     pub pool: PgPool,
     /// NATS, for health, webhook wake-ups and (later) the event stream.
     pub nats: async_nats::Client,
+    /// The metrics of the components in this process, served at `/metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Required (as a bearer token) by mutating calls; without it they are refused.
     pub api_token: Option<String>,
     /// HMAC-SHA256 key of Git webhooks (GitHub and Gitea signature headers).
@@ -33,6 +36,7 @@ pub struct ApiState {
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .route("/v1/hooks/git", axum::routing::post(git_hook))
         .with_state(Arc::new(state))
 }
@@ -49,6 +53,16 @@ pub async fn run(
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await?;
     Ok(())
+}
+
+async fn metrics(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        state.metrics.render(),
+    )
 }
 
 async fn healthz(State(state): State<Arc<ApiState>>) -> impl IntoResponse {

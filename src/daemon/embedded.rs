@@ -55,6 +55,16 @@ impl Embedded {
         database_url: Option<String>,
         nats_url: Option<String>,
     ) -> anyhow::Result<Self> {
+        Self::start_at(data_dir, database_url, nats_url, None).await
+    }
+
+    /// As [`Embedded::start`], with Postgres on a chosen port (tests restart it in place).
+    pub async fn start_at(
+        data_dir: &Path,
+        database_url: Option<String>,
+        nats_url: Option<String>,
+        postgres_port: Option<u16>,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("creating data directory {}", data_dir.display()))?;
         let data_dir = data_dir
@@ -72,7 +82,7 @@ impl Embedded {
             embedded.nats = Some(server);
         }
         if embedded.database_url.is_none() {
-            match start_postgres(&data_dir).await {
+            match start_postgres(&data_dir, postgres_port).await {
                 Ok((url, server)) => {
                     embedded.database_url = Some(url);
                     embedded.postgres = Some(server);
@@ -197,6 +207,8 @@ async fn start_nats(data_dir: &Path) -> anyhow::Result<(String, ChildServer)> {
         // Its own process group: a Ctrl-C in the terminal reaches berth, which stops the
         // servers in order, instead of reaching them all at once.
         .process_group(0)
+        // Dropped without stop() (a failed start, a test): do not leave it running.
+        .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
     let mut server = ChildServer {
@@ -250,7 +262,10 @@ fn as_user(cmd: &mut Command, user: &Option<User>) {
     }
 }
 
-async fn start_postgres(data_dir: &Path) -> anyhow::Result<(String, ChildServer)> {
+async fn start_postgres(
+    data_dir: &Path,
+    port: Option<u16>,
+) -> anyhow::Result<(String, ChildServer)> {
     let initdb = find_binary("initdb")?;
     let postgres = find_binary("postgres")?;
     let user = postgres_user()?;
@@ -303,7 +318,10 @@ async fn start_postgres(data_dir: &Path) -> anyhow::Result<(String, ChildServer)
     let password = std::fs::read_to_string(&password_file)
         .with_context(|| format!("reading {}", password_file.display()))?;
     stop_orphan(&pgdata.join("postmaster.pid"), "postgres", Signal::SIGINT).await;
-    let port = free_port()?;
+    let port = match port {
+        Some(p) => p,
+        None => free_port()?,
+    };
     let log = log_file(&data_dir.join("postgres.log"))?;
     let mut cmd = Command::new(&postgres);
     cmd.arg("-D")
@@ -320,7 +338,9 @@ async fn start_postgres(data_dir: &Path) -> anyhow::Result<(String, ChildServer)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
-        .process_group(0);
+        .process_group(0)
+        // Dropped without stop() (a failed start, a test): do not leave it running.
+        .kill_on_drop(true);
     as_user(&mut cmd, &user);
     let child = cmd
         .spawn()

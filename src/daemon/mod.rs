@@ -22,15 +22,17 @@ use crate::config::Config;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Component {
     Watcher,
+    Listener,
     Api,
 }
 
 impl Component {
-    pub const ALL: [Component; 2] = [Component::Watcher, Component::Api];
+    pub const ALL: [Component; 3] = [Component::Watcher, Component::Listener, Component::Api];
 
     pub fn name(self) -> &'static str {
         match self {
             Component::Watcher => "watcher",
+            Component::Listener => "listener",
             Component::Api => "api",
         }
     }
@@ -152,6 +154,7 @@ async fn run_components(
 
     let tracker = TaskTracker::new();
     let failure: Failure = Default::default();
+    let metrics = crate::metrics::Metrics::new();
     let mut api_url = String::new();
     for component in components {
         match component {
@@ -177,6 +180,22 @@ async fn run_components(
                     crate::watcher::run(deps, shutdown.clone()),
                 );
             }
+            Component::Listener => {
+                let deps = crate::listener::ListenerDeps {
+                    pool: pool.clone(),
+                    database_url: database_url.clone(),
+                    nats: nats.clone(),
+                    metrics: metrics.clone(),
+                    options: Default::default(),
+                };
+                spawn_component(
+                    &tracker,
+                    &failure,
+                    *component,
+                    shutdown.clone(),
+                    crate::listener::run(deps, shutdown.clone()),
+                );
+            }
             Component::Api => {
                 let listener = tokio::net::TcpListener::bind(config.api_listen)
                     .await
@@ -185,6 +204,7 @@ async fn run_components(
                 let state = crate::api::ApiState {
                     pool: pool.clone(),
                     nats: nats.clone(),
+                    metrics: metrics.clone(),
                     api_token: config.api_token.clone(),
                     webhook_secret: config.git.as_ref().and_then(|g| g.webhook_secret.clone()),
                 };

@@ -3,6 +3,9 @@
 //! Events are hints: they carry identifiers for routing, never state. Every consumer re-reads
 //! Postgres, so a lost or repeated event only costs latency.
 
+pub mod controller;
+pub mod queue;
+
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};

@@ -292,3 +292,21 @@ pub async fn http_get(url: &str) -> Option<(u16, String)> {
     let status = resp.status().as_u16();
     Some((status, resp.text().await.unwrap_or_default()))
 }
+
+/// A child process killed (SIGKILL) when the test ends, even by a panic.
+pub struct ChildGuard(pub Option<std::process::Child>);
+
+impl ChildGuard {
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

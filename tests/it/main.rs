@@ -5,6 +5,7 @@ mod cli;
 mod docker;
 mod fixtures;
 mod jetstream;
+mod listener;
 mod outbox;
 mod up;
 mod watcher;

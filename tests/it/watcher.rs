@@ -462,6 +462,7 @@ async fn git_commits_are_applied_by_poll_and_by_signed_webhook() {
     let state = berth::api::ApiState {
         pool: db.pool.clone(),
         nats: client.clone(),
+        metrics: berth::metrics::Metrics::new(),
         api_token: None,
         webhook_secret: Some("s3cret".into()),
     };
