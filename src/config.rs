@@ -165,10 +165,10 @@ impl RawConfig {
             }
             other => other.clone(),
         };
-        if let Some(dir) = &self.specs {
-            if dir.as_os_str().is_empty() {
-                return Err(err("specs", "must be a folder"));
-            }
+        if let Some(dir) = &self.specs
+            && dir.as_os_str().is_empty()
+        {
+            return Err(err("specs", "must be a folder"));
         }
         let git = match &self.git_url {
             Some(url) if !url.trim().is_empty() => {
@@ -212,10 +212,11 @@ impl RawConfig {
             _ => None,
         };
         let api_listen = parse_addr("api-listen", &self.api_listen)?;
-        if let Some(token) = &self.api_token {
-            if !token.is_empty() && token.len() < 16 {
-                return Err(err("api-token", "must be at least 16 characters"));
-            }
+        if let Some(token) = &self.api_token
+            && !token.is_empty()
+            && token.len() < 16
+        {
+            return Err(err("api-token", "must be at least 16 characters"));
         }
         let node_name = match &self.node_name {
             Some(n) if !n.is_empty() => n.clone(),

@@ -171,7 +171,7 @@ fn bearer_ok(token: &str, headers: &HeaderMap) -> bool {
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())

@@ -19,24 +19,54 @@ use tokio::process::{Child, Command};
 pub struct ChildServer {
     /// What it is, for logs.
     name: &'static str,
-    child: Child,
+    pid: i32,
     /// The signal that asks it to stop quickly but cleanly.
     stop_signal: Signal,
+    /// Becomes `Some` when the process exits; a task owns the child and waits for it.
+    exit: tokio::sync::watch::Receiver<Option<std::process::ExitStatus>>,
 }
 
 impl ChildServer {
+    fn spawn(
+        name: &'static str,
+        cmd: &mut Command,
+        stop_signal: Signal,
+    ) -> anyhow::Result<ChildServer> {
+        let mut child: Child = cmd.spawn()?;
+        let pid = child.id().map(|p| p as i32).unwrap_or_default();
+        let (tx, exit) = tokio::sync::watch::channel(None);
+        tokio::spawn(async move {
+            let status = child.wait().await.ok();
+            let _ = tx.send(status);
+        });
+        Ok(ChildServer {
+            name,
+            pid,
+            stop_signal,
+            exit,
+        })
+    }
+
+    /// The exit status, if it has exited.
+    fn exited(&self) -> Option<std::process::ExitStatus> {
+        *self.exit.borrow()
+    }
+
     /// Signals the server and waits for it; SIGKILL after `grace`.
     pub async fn stop(mut self, grace: Duration) {
-        if let Some(pid) = self.child.id() {
-            let _ = kill(Pid::from_raw(pid as i32), self.stop_signal);
+        if self.exited().is_some() {
+            return;
         }
-        match tokio::time::timeout(grace, self.child.wait()).await {
-            Ok(_) => tracing::info!(server = self.name, "stopped"),
-            Err(_) => {
-                tracing::warn!(server = self.name, "did not stop in time; killing it");
-                let _ = self.child.kill().await;
-            }
+        let _ = kill(Pid::from_raw(self.pid), self.stop_signal);
+        let waited = tokio::time::timeout(grace, self.exit.wait_for(|s| s.is_some()))
+            .await
+            .is_ok();
+        if !waited {
+            tracing::warn!(server = self.name, "did not stop in time; killing it");
+            let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
+            let _ = self.exit.wait_for(|s| s.is_some()).await;
         }
+        tracing::info!(server = self.name, "stopped");
     }
 }
 
@@ -94,6 +124,30 @@ impl Embedded {
             }
         }
         Ok(embedded)
+    }
+
+    /// Resolves when a private server exits on its own, naming it. Pending forever when
+    /// there is none (external URLs).
+    pub fn died(&self) -> impl std::future::Future<Output = &'static str> + Send + 'static {
+        let watched: Vec<(&'static str, tokio::sync::watch::Receiver<_>)> =
+            [&self.postgres, &self.nats]
+                .into_iter()
+                .flatten()
+                .map(|s| (s.name, s.exit.clone()))
+                .collect();
+        async move {
+            let waits = watched.into_iter().map(|(name, mut rx)| {
+                Box::pin(async move {
+                    let _ = rx.wait_for(|s| s.is_some()).await;
+                    name
+                })
+            });
+            let waits: Vec<_> = waits.collect();
+            if waits.is_empty() {
+                return std::future::pending().await;
+            }
+            futures_util::future::select_all(waits).await.0
+        }
     }
 
     /// Stops the private servers: Postgres first (its clients are gone by now), then NATS.
@@ -187,39 +241,34 @@ async fn start_nats(data_dir: &Path) -> anyhow::Result<(String, ChildServer)> {
     stop_orphan(&pid_file, "nats-server", Signal::SIGTERM).await;
     let port = free_port()?;
     let log = log_file(&data_dir.join("nats.log"))?;
-    let child = Command::new(&binary)
-        .args([
-            "-a",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-js",
-            "-n",
-            "berth",
-        ])
-        .arg("-sd")
-        .arg(&store)
-        .arg("-P")
-        .arg(&pid_file)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        // Its own process group: a Ctrl-C in the terminal reaches berth, which stops the
-        // servers in order, instead of reaching them all at once.
-        .process_group(0)
-        // Dropped without stop() (a failed start, a test): do not leave it running.
-        .kill_on_drop(true)
-        .spawn()
+    let mut cmd = Command::new(&binary);
+    cmd.args([
+        "-a",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-js",
+        "-n",
+        "berth",
+    ])
+    .arg("-sd")
+    .arg(&store)
+    .arg("-P")
+    .arg(&pid_file)
+    .stdin(Stdio::null())
+    .stdout(log.try_clone()?)
+    .stderr(log)
+    // Its own process group: a Ctrl-C in the terminal reaches berth, which stops the
+    // servers in order, instead of reaching them all at once.
+    .process_group(0)
+    // Dropped without stop() (a failed start, a test): do not leave it running.
+    .kill_on_drop(true);
+    let server = ChildServer::spawn("nats-server", &mut cmd, Signal::SIGTERM)
         .with_context(|| format!("starting {}", binary.display()))?;
-    let mut server = ChildServer {
-        name: "nats-server",
-        child,
-        stop_signal: Signal::SIGTERM,
-    };
     let url = format!("nats://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Some(status) = server.child.try_wait()? {
+        if let Some(status) = server.exited() {
             bail!(
                 "nats-server exited during start ({status}); see {}",
                 data_dir.join("nats.log").display()
@@ -342,22 +391,16 @@ async fn start_postgres(
         // Dropped without stop() (a failed start, a test): do not leave it running.
         .kill_on_drop(true);
     as_user(&mut cmd, &user);
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("starting {}", postgres.display()))?;
     // SIGINT is Postgres' "fast" shutdown: roll back open transactions, checkpoint, exit.
-    let mut server = ChildServer {
-        name: "postgres",
-        child,
-        stop_signal: Signal::SIGINT,
-    };
+    let server = ChildServer::spawn("postgres", &mut cmd, Signal::SIGINT)
+        .with_context(|| format!("starting {}", postgres.display()))?;
     let admin_url = format!(
         "postgres://berth:{}@127.0.0.1:{port}/postgres",
         password.trim()
     );
     let deadline = Instant::now() + Duration::from_secs(60);
     let admin = loop {
-        if let Some(status) = server.child.try_wait()? {
+        if let Some(status) = server.exited() {
             bail!(
                 "postgres exited during start ({status}); see {}",
                 data_dir.join("postgres.log").display()

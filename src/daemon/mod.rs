@@ -86,6 +86,8 @@ impl StateFile {
 pub async fn up(config: Config, components: Vec<Component>) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
+    // One `berth up` per data directory: a second one would stop the first one's servers.
+    let _lock = lock_data_dir(&config.data_dir)?;
 
     let mut embedded = embedded::Embedded::start(
         &config.data_dir,
@@ -93,10 +95,56 @@ pub async fn up(config: Config, components: Vec<Component>) -> anyhow::Result<()
         config.nats_url.clone(),
     )
     .await?;
+    // A private server that dies takes berth down with it (a supervisor restarts it whole).
+    let died: std::sync::Arc<std::sync::Mutex<Option<&'static str>>> = Default::default();
+    let watchdog = tokio::spawn({
+        let (death, died, shutdown) = (embedded.died(), died.clone(), shutdown.clone());
+        async move {
+            let name = death.await;
+            tracing::error!(server = name, "a private server exited; shutting down");
+            *died.lock().expect("died lock") = Some(name);
+            shutdown.cancel();
+        }
+    });
     let result = run_components(&config, &embedded, &components, shutdown.clone()).await;
+    watchdog.abort();
     let _ = std::fs::remove_file(StateFile::path(&config.data_dir));
     embedded.stop().await;
+    if let Some(name) = *died.lock().expect("died lock") {
+        anyhow::bail!(
+            "the private {name} exited unexpectedly; see its log in {}",
+            config.data_dir.display()
+        );
+    }
     result
+}
+
+/// Holds an exclusive lock on `<data dir>/berth.lock` for the life of the process.
+fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    let path = data_dir.join("berth.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = StateFile::read(data_dir)
+                .map(|s| format!(" (pid {}, api {})", s.pid, s.api_url))
+                .unwrap_or_default();
+            anyhow::bail!(
+                "another `berth up` is using the data directory {}{holder}",
+                data_dir.display()
+            )
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) {

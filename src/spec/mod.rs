@@ -415,29 +415,29 @@ fn validate(spec: &AppSpec, file: &Path, root: &Path) -> Vec<(Vec<PathSeg>, Stri
             "`runtime: exec` needs a `command` to run".to_string(),
         ));
     }
-    if let Some(command) = &spec.command {
-        if command.is_empty() {
-            problems.push((
-                vec![field("command")],
-                "must not be empty when given".to_string(),
-            ));
-        }
+    if let Some(command) = &spec.command
+        && command.is_empty()
+    {
+        problems.push((
+            vec![field("command")],
+            "must not be empty when given".to_string(),
+        ));
     }
-    if let Some(image) = &spec.image {
-        if image.trim().is_empty() || image.contains(char::is_whitespace) {
-            problems.push((
-                vec![field("image")],
-                "must be an image reference such as registry.example.com/app:1.2".to_string(),
-            ));
-        }
+    if let Some(image) = &spec.image
+        && (image.trim().is_empty() || image.contains(char::is_whitespace))
+    {
+        problems.push((
+            vec![field("image")],
+            "must be an image reference such as registry.example.com/app:1.2".to_string(),
+        ));
     }
-    if let Some(port) = spec.port {
-        if port == 0 {
-            problems.push((
-                vec![field("port")],
-                "must be between 1 and 65535".to_string(),
-            ));
-        }
+    if let Some(port) = spec.port
+        && port == 0
+    {
+        problems.push((
+            vec![field("port")],
+            "must be between 1 and 65535".to_string(),
+        ));
     }
     for key in spec.env.keys() {
         if key.is_empty() || key.contains('=') || key.contains('\0') {
@@ -462,13 +462,13 @@ fn validate(spec: &AppSpec, file: &Path, root: &Path) -> Vec<(Vec<PathSeg>, Stri
         }
     }
     if let Some(health) = &spec.health {
-        if let Some(path) = &health.path {
-            if !path.starts_with('/') {
-                problems.push((
-                    vec![field("health"), field("path")],
-                    "must start with `/`".to_string(),
-                ));
-            }
+        if let Some(path) = &health.path
+            && !path.starts_with('/')
+        {
+            problems.push((
+                vec![field("health"), field("path")],
+                "must start with `/`".to_string(),
+            ));
         }
         if health.interval.0.is_zero() {
             problems.push((
@@ -510,21 +510,21 @@ fn validate(spec: &AppSpec, file: &Path, root: &Path) -> Vec<(Vec<PathSeg>, Stri
         ));
     }
     if let Some(res) = &spec.resources {
-        if let Some(cpus) = res.cpus {
-            if !(cpus > 0.0 && cpus.is_finite()) {
-                problems.push((
-                    vec![field("resources"), field("cpus")],
-                    "must be greater than zero".to_string(),
-                ));
-            }
+        if let Some(cpus) = res.cpus
+            && !(cpus > 0.0 && cpus.is_finite())
+        {
+            problems.push((
+                vec![field("resources"), field("cpus")],
+                "must be greater than zero".to_string(),
+            ));
         }
-        if let Some(mem) = res.memory {
-            if mem.0 < 6 << 20 {
-                problems.push((
-                    vec![field("resources"), field("memory")],
-                    "must be at least 6Mi (the Docker engine's minimum)".to_string(),
-                ));
-            }
+        if let Some(mem) = res.memory
+            && mem.0 < 6 << 20
+        {
+            problems.push((
+                vec![field("resources"), field("memory")],
+                "must be at least 6Mi (the Docker engine's minimum)".to_string(),
+            ));
         }
     }
     if let Some(build) = &spec.build {
@@ -691,20 +691,20 @@ fn check_unique(loaded: &mut Loaded) {
             });
         }
         for (i, domain) in app.spec.domains.iter().enumerate() {
-            if let Some((other, file, pos)) = domains.get(domain) {
-                if other != &app.spec.name || errors.is_empty() {
-                    errors.push(SpecError {
-                        file: app.file.clone(),
-                        pos: name_pos(&[field("domains"), PathSeg::Index(i)]),
-                        field: format!("domains[{i}]"),
-                        message: format!(
-                            "domain `{domain}` is already used by app `{other}` at {}:{}:{}",
-                            file.display(),
-                            pos.line,
-                            pos.col
-                        ),
-                    });
-                }
+            if let Some((other, file, pos)) = domains.get(domain)
+                && (other != &app.spec.name || errors.is_empty())
+            {
+                errors.push(SpecError {
+                    file: app.file.clone(),
+                    pos: name_pos(&[field("domains"), PathSeg::Index(i)]),
+                    field: format!("domains[{i}]"),
+                    message: format!(
+                        "domain `{domain}` is already used by app `{other}` at {}:{}:{}",
+                        file.display(),
+                        pos.line,
+                        pos.col
+                    ),
+                });
             }
         }
         if errors.is_empty() {

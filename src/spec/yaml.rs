@@ -174,10 +174,10 @@ impl MarkedEventReceiver for TreeBuilder {
                 if let Some((mut node, _)) = self.stack.pop() {
                     // A block mapping's start mark can fall after its first key; a mapping
                     // is where its first key is.
-                    if let NodeKind::Map(entries) = &node.kind {
-                        if let Some(first) = entries.first() {
-                            node.pos = node.pos.min(first.key_pos);
-                        }
+                    if let NodeKind::Map(entries) = &node.kind
+                        && let Some(first) = entries.first()
+                    {
+                        node.pos = node.pos.min(first.key_pos);
                     }
                     let anchor = self.open_anchors.pop().unwrap_or(0);
                     if anchor > 0 {
@@ -293,22 +293,21 @@ fn scalar_to_json(value: &str) -> serde_json::Value {
         if let Ok(u) = value.parse::<u64>() {
             return Value::from(u);
         }
-        if let Some(hex) = value.strip_prefix("0x") {
-            if let Ok(i) = i64::from_str_radix(hex, 16) {
-                return Value::from(i);
-            }
+        if let Some(hex) = value.strip_prefix("0x")
+            && let Ok(i) = i64::from_str_radix(hex, 16)
+        {
+            return Value::from(i);
         }
-        if let Some(oct) = value.strip_prefix("0o") {
-            if let Ok(i) = i64::from_str_radix(oct, 8) {
-                return Value::from(i);
-            }
+        if let Some(oct) = value.strip_prefix("0o")
+            && let Ok(i) = i64::from_str_radix(oct, 8)
+        {
+            return Value::from(i);
         }
-        if let Ok(f) = value.parse::<f64>() {
-            if f.is_finite() {
-                if let Some(n) = serde_json::Number::from_f64(f) {
-                    return Value::Number(n);
-                }
-            }
+        if let Ok(f) = value.parse::<f64>()
+            && f.is_finite()
+            && let Some(n) = serde_json::Number::from_f64(f)
+        {
+            return Value::Number(n);
         }
     }
     Value::String(value.to_string())

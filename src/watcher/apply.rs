@@ -220,17 +220,18 @@ fn diff(
         let name = app.spec.name.clone();
         seen.insert(name.clone());
         let existing = snap.apps.get(&name);
-        if let Some(row) = existing {
-            if row.source != src.source && !row.deleted {
-                let error = format!(
-                    "{}: app `{name}` is already defined by source {}; it keeps that definition",
-                    relative(&src.root, &app.file),
-                    row.source
-                );
-                plan.errors.push(error.clone());
-                plan.changes.push(Change::Invalid { name, error });
-                continue;
-            }
+        if let Some(row) = existing
+            && row.source != src.source
+            && !row.deleted
+        {
+            let error = format!(
+                "{}: app `{name}` is already defined by source {}; it keeps that definition",
+                relative(&src.root, &app.file),
+                row.source
+            );
+            plan.errors.push(error.clone());
+            plan.changes.push(Change::Invalid { name, error });
+            continue;
         }
         let taken: Vec<&String> = app
             .spec

@@ -229,15 +229,13 @@ impl Watches {
         let parent = std::path::absolute(folder)
             .ok()
             .and_then(|p| p.parent().map(Path::to_path_buf));
-        if self.parent.is_none() {
-            if let Some(p) = parent.filter(|p| p.is_dir()) {
-                if watcher
-                    .watch(&p, notify::RecursiveMode::NonRecursive)
-                    .is_ok()
-                {
-                    self.parent = Some(p);
-                }
-            }
+        if self.parent.is_none()
+            && let Some(p) = parent.filter(|p| p.is_dir())
+            && watcher
+                .watch(&p, notify::RecursiveMode::NonRecursive)
+                .is_ok()
+        {
+            self.parent = Some(p);
         }
         let target = folder.canonicalize().ok().filter(|t| t.is_dir());
         if target != self.target {

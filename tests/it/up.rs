@@ -11,7 +11,9 @@ use nix::unistd::Pid;
 
 use crate::fixtures::{berth_bin, eventually, http_get};
 
-fn start(data_dir: &Path, api_port: u16) -> Child {
+/// Starts `berth up`; with `capture`, its stderr is kept for the test to read (only for
+/// runs the test waits out, so the pipe never fills).
+fn start_with(data_dir: &Path, api_port: u16, capture: bool) -> Child {
     Command::new(berth_bin())
         .args(["up", "--components", "api"])
         .env("BERTH_DATA_DIR", data_dir)
@@ -20,8 +22,17 @@ fn start(data_dir: &Path, api_port: u16) -> Child {
         .env_remove("BERTH_DATABASE_URL")
         .env_remove("BERTH_NATS_URL")
         .stdin(Stdio::null())
+        .stderr(if capture {
+            Stdio::piped()
+        } else {
+            Stdio::inherit()
+        })
         .spawn()
         .unwrap()
+}
+
+fn start(data_dir: &Path, api_port: u16) -> Child {
+    start_with(data_dir, api_port, false)
 }
 
 /// Processes whose command line mentions `needle` (the data directory).
@@ -84,6 +95,18 @@ async fn up_without_urls_runs_private_services_and_stops_clean() {
         "postgres listens on loopback"
     );
     assert!(state.nats_url.starts_with("nats://127.0.0.1:"));
+    // A second `berth up` on the same data directory refuses, and leaves the first alone.
+    let other_port = berth::daemon::embedded::free_port().unwrap();
+    let second = start_with(&data_dir, other_port, true)
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&second.stderr)
+            .contains("another `berth up` is using the data directory")
+    );
+    wait_healthy(&api).await;
+
     let pool = sqlx::PgPool::connect(&state.database_url).await.unwrap();
     sqlx::query("insert into nodes (name, address) values ('kept', '127.0.0.1')")
         .execute(&pool)
@@ -136,5 +159,35 @@ async fn up_after_kill_9_takes_over_the_orphaned_servers() {
     wait_healthy(&api).await;
     stop(child).await;
     let left = processes_mentioning(&needle);
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+}
+
+#[tokio::test]
+async fn up_exits_with_an_error_when_its_private_postgres_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data_dir = dir.path().join("data");
+    let port = berth::daemon::embedded::free_port().unwrap();
+    let child = start_with(&data_dir, port, true);
+    wait_healthy(&format!("http://127.0.0.1:{port}")).await;
+    let pid: i32 = std::fs::read_to_string(data_dir.join("postgres/postmaster.pid"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the private postgres exited unexpectedly"),
+        "{stderr}"
+    );
+    let left = processes_mentioning(&data_dir.to_string_lossy());
     assert!(left.is_empty(), "processes left behind: {left:?}");
 }
