@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod builder;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -23,16 +23,23 @@ use crate::config::Config;
 pub enum Component {
     Watcher,
     Listener,
+    Builder,
     Api,
 }
 
 impl Component {
-    pub const ALL: [Component; 3] = [Component::Watcher, Component::Listener, Component::Api];
+    pub const ALL: [Component; 4] = [
+        Component::Watcher,
+        Component::Listener,
+        Component::Builder,
+        Component::Api,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Component::Watcher => "watcher",
             Component::Listener => "listener",
+            Component::Builder => "builder",
             Component::Api => "api",
         }
     }
@@ -242,6 +249,40 @@ async fn run_components(
                     *component,
                     shutdown.clone(),
                     crate::listener::run(deps, shutdown.clone()),
+                );
+            }
+            Component::Builder => {
+                let docker = bollard::Docker::connect_with_local_defaults()
+                    .context("connecting to the Docker engine")?
+                    .negotiate_version()
+                    .await
+                    .context("the Docker engine does not answer (is it running?)")?;
+                let builder = crate::builder::Builder::new(crate::builder::BuilderDeps {
+                    pool: pool.clone(),
+                    docker,
+                    id: format!("{}-{}", config.node_name, std::process::id()),
+                    data_dir: config.data_dir.clone(),
+                    options: Default::default(),
+                });
+                let options = crate::events::controller::ControllerOptions {
+                    concurrency: crate::builder::BuilderOptions::default().concurrency,
+                    ..crate::events::controller::ControllerOptions::new(
+                        "builder",
+                        vec!["image_build", "deployment"],
+                    )
+                };
+                spawn_component(
+                    &tracker,
+                    &failure,
+                    *component,
+                    shutdown.clone(),
+                    crate::events::controller::run_controller(
+                        builder,
+                        js.clone(),
+                        options,
+                        metrics.clone(),
+                        shutdown.clone(),
+                    ),
                 );
             }
             Component::Api => {

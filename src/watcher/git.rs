@@ -142,3 +142,26 @@ pub async fn watch_git(
         }
     }
 }
+
+/// Checks out `revision` of the repository into `dir` (fetching the branch first), for a
+/// build of that exact commit.
+pub async fn checkout_revision(
+    git_cfg: &GitConfig,
+    dir: &Path,
+    revision: &str,
+) -> anyhow::Result<()> {
+    fetch_and_checkout(git_cfg, dir).await?;
+    git(
+        dir,
+        &["checkout", "--quiet", "--force", "--detach", revision],
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "commit {revision} is not on branch {} any more",
+            git_cfg.branch
+        )
+    })?;
+    git(dir, &["clean", "-ffdxq"]).await?;
+    Ok(())
+}
