@@ -22,6 +22,7 @@ pub mod db;
 pub mod events;
 pub mod leader;
 pub mod listener;
+pub mod manager;
 pub mod metrics;
 pub mod spec;
 pub mod telemetry;

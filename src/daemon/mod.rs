@@ -23,6 +23,7 @@ use crate::config::Config;
 pub enum Component {
     Watcher,
     Listener,
+    Manager,
     Builder,
     Api,
 }
@@ -39,6 +40,7 @@ impl Component {
         match self {
             Component::Watcher => "watcher",
             Component::Listener => "listener",
+            Component::Manager => "manager",
             Component::Builder => "builder",
             Component::Api => "api",
         }
@@ -249,6 +251,25 @@ async fn run_components(
                     *component,
                     shutdown.clone(),
                     crate::listener::run(deps, shutdown.clone()),
+                );
+            }
+            Component::Manager => {
+                let deps = crate::manager::ManagerDeps {
+                    pool: pool.clone(),
+                    options: Default::default(),
+                };
+                spawn_component(
+                    &tracker,
+                    &failure,
+                    *component,
+                    shutdown.clone(),
+                    crate::manager::run(
+                        deps,
+                        database_url.clone(),
+                        js.clone(),
+                        metrics.clone(),
+                        shutdown.clone(),
+                    ),
                 );
             }
             Component::Builder => {

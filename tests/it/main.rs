@@ -7,6 +7,7 @@ mod docker;
 mod fixtures;
 mod jetstream;
 mod listener;
+mod manager;
 mod outbox;
 mod up;
 mod watcher;
