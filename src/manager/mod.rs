@@ -64,11 +64,16 @@ impl Default for ManagerOptions {
 
 pub struct Manager {
     deps: ManagerDeps,
+    /// Node loads for scheduling, kept between reconciles.
+    nodes: schedule::NodeCache,
 }
 
 impl Manager {
     pub fn new(deps: ManagerDeps) -> Arc<Manager> {
-        Arc::new(Manager { deps })
+        Arc::new(Manager {
+            deps,
+            nodes: Default::default(),
+        })
     }
 }
 
@@ -120,10 +125,28 @@ impl Reconciler for Manager {
         event.app_id.into_iter().collect()
     }
 
+    /// Every app that is not visibly converged, found in one query: a resync of 10,000
+    /// settled apps costs one statement, not 10,000 reconciles. Converged means: ready at
+    /// its generation, no open or rolling deployment, and exactly `replicas` wanted
+    /// instances, all running. Anything the manager would act on breaks one of these.
     async fn list_keys(&self) -> anyhow::Result<Vec<i64>> {
         Ok(sqlx::query_scalar(
-            "select id from apps where deleted_at is null
-             or exists (select 1 from instances i where i.app_id = apps.id and i.desired_state = 'running')",
+            "select a.id from apps a
+             left join deployments c on c.id = a.current_deployment_id
+             left join lateral (
+                 select count(*) filter (where i.state = 'running') as running, count(*) as wanted
+                 from instances i where i.app_id = a.id and i.desired_state = 'running'
+             ) w on true
+             where a.deleted_at is not null and w.wanted > 0
+                or a.deleted_at is null and (
+                    a.status->>'reason' is distinct from 'Ready'
+                    or a.generation <> a.observed_generation
+                    or a.spec_error is not null
+                    or c.id is null
+                    or w.running <> w.wanted
+                    or w.wanted <> (c.spec->>'replicas')::bigint
+                    or exists (select 1 from deployments d where d.app_id = a.id and d.id <> c.id
+                               and d.status in ('pending', 'building', 'deploying', 'active')))",
         )
         .fetch_all(&self.deps.pool)
         .await?)
@@ -451,7 +474,7 @@ impl Manager {
             }
         }
         if to_create > 0 {
-            match schedule::place(tx, app.id, target, to_create).await? {
+            match self.nodes.place(tx, app.id, target, to_create).await? {
                 Ok(placed) => {
                     create_instances(tx, app.id, target, placed, instances).await?;
                 }
@@ -536,7 +559,7 @@ impl Manager {
         if missing == 0 {
             return Ok(None);
         }
-        match schedule::place(tx, app.id, current, missing).await? {
+        match self.nodes.place(tx, app.id, current, missing).await? {
             Ok(placed) => {
                 create_instances(tx, app.id, current, placed, instances).await?;
                 Ok(None)

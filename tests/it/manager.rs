@@ -545,3 +545,43 @@ async fn two_managers_at_once_never_break_the_invariants() {
     .unwrap();
     assert_eq!(stale, 0);
 }
+
+#[tokio::test]
+async fn a_resync_skips_converged_apps_and_finds_the_rest() {
+    let Running { db, dir, m } = running("replicas: 2\n", 2).await;
+    let p = &db.pool;
+    let app = app_id(p).await;
+    assert_eq!(
+        m.list_keys().await.unwrap(),
+        Vec::<i64>::new(),
+        "a converged app needs nothing"
+    );
+    // Anything the manager would act on brings it back: an unhealthy instance...
+    sqlx::query(
+        "update instances set state = 'unhealthy' where id = (select min(id) from instances)",
+    )
+    .execute(p)
+    .await
+    .unwrap();
+    assert_eq!(m.list_keys().await.unwrap(), vec![app]);
+    sqlx::query("update instances set state = 'running'")
+        .execute(p)
+        .await
+        .unwrap();
+    // ...a lost one...
+    sqlx::query("update instances set state = 'lost', desired_state = 'stopped' where id = (select min(id) from instances)").execute(p).await.unwrap();
+    assert_eq!(m.list_keys().await.unwrap(), vec![app]);
+    converge(&m, p, 2, 1, 0, 2).await;
+    // ...a new generation, or a deletion with instances still wanted.
+    write_spec(dir.path(), "replicas: 3\n");
+    apply_dir(p, dir.path(), false).await;
+    assert_eq!(m.list_keys().await.unwrap(), vec![app]);
+    converge(&m, p, 3, 1, 0, 3).await;
+    sqlx::query("update apps set deleted_at = now()")
+        .execute(p)
+        .await
+        .unwrap();
+    assert_eq!(m.list_keys().await.unwrap(), vec![app]);
+    m.reconcile(&app).await.unwrap();
+    assert_eq!(m.list_keys().await.unwrap(), Vec::<i64>::new());
+}
