@@ -80,12 +80,21 @@ impl ControllerOptions {
 /// scaled by a random factor in [0.5, 1.0] so failing keys do not retry in step.
 pub fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
     let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
-    let capped = exp.min(max);
+    exp.min(max).mul_f64(0.5 + random_fraction() / 2.0)
+}
+
+/// `d` plus or minus up to 10%, so periodic work of many processes does not run in step.
+pub fn jitter(d: Duration) -> Duration {
+    d.mul_f64(0.9 + random_fraction() / 5.0)
+}
+
+/// A number in [0, 1), good enough to spread timers (not for anything secret).
+fn random_fraction() -> f64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .subsec_nanos();
-    capped.mul_f64(0.5 + (nanos % 1000) as f64 / 2000.0)
+    (nanos % 1000) as f64 / 1000.0
 }
 
 /// Runs the workers of `reconciler` over `queue` until shutdown. Also usable without NATS
@@ -217,7 +226,7 @@ pub async fn run_controller<R: Reconciler>(
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(crate::watcher::jitter(period)) => {}
+                    _ = tokio::time::sleep(jitter(period)) => {}
                     _ = resync_now.notified() => {}
                 }
             }

@@ -211,7 +211,7 @@ impl Manager {
             .iter()
             .filter(|d| Some(d.id) != app.current && Some(d.id) != target.as_ref().map(|t| t.id))
         {
-            close_deployment(tx, d, "superseded", "a newer deployment arrived").await?;
+            close_deployment(tx, d, "a newer deployment arrived").await?;
             stop_instances(tx, &mut instances, |i| i.deployment_id == Some(d.id)).await?;
         }
 
@@ -518,13 +518,7 @@ impl Manager {
             .execute(&mut *tx)
             .await?;
         if let Some(old) = current {
-            close_deployment(
-                tx,
-                old,
-                "superseded",
-                &format!("replaced by deployment #{}", target.id),
-            )
-            .await?;
+            close_deployment(tx, old, &format!("replaced by deployment #{}", target.id)).await?;
         }
         stop_instances(tx, instances, |i| i.deployment_id != Some(target.id)).await?;
         tracing::info!(app.name = %app.name, deployment.id = target.id, "cut over");
@@ -724,14 +718,11 @@ async fn load_instances(tx: &mut PgConnection, app_id: i64) -> anyhow::Result<Ve
         .collect())
 }
 
-async fn close_deployment(
-    tx: &mut PgConnection,
-    d: &Deployment,
-    to: &str,
-    why: &str,
-) -> anyhow::Result<()> {
-    let (status, column) = match (d.status.as_str(), to) {
-        ("active", _) => ("superseded", "superseded_at"),
+/// Closes a deployment that lost to another: an active one is superseded, one that never
+/// ran is cancelled.
+async fn close_deployment(tx: &mut PgConnection, d: &Deployment, why: &str) -> anyhow::Result<()> {
+    let (status, column) = match d.status.as_str() {
+        "active" => ("superseded", "superseded_at"),
         _ => ("cancelled", "cancelled_at"),
     };
     sqlx::query(&format!(

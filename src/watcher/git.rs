@@ -125,7 +125,7 @@ pub async fn watch_git(
                         Err(e) => record_source_error(&deps.pool, &source, &format!("{e:#}")).await,
                     }
                 }
-                super::jitter(git_cfg.interval)
+                crate::events::controller::jitter(git_cfg.interval)
             }
             Err(e) => {
                 tracing::warn!(source = %source, error = format!("{e:#}"), retry_in = ?backoff, "fetch failed");

@@ -191,7 +191,7 @@ async fn watch_folder(
                 }
             },
         }
-        let rescan = jitter(deps.rescan);
+        let rescan = crate::events::controller::jitter(deps.rescan);
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(rescan) => {}
@@ -252,16 +252,6 @@ impl Watches {
             }
         }
     }
-}
-
-/// `d` plus or minus up to 10%, so many watchers do not rescan in step.
-pub fn jitter(d: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .subsec_nanos();
-    let factor = 0.9 + (nanos % 1000) as f64 / 5000.0;
-    d.mul_f64(factor)
 }
 
 /// Subscribes to webhook wake-ups, if NATS is there.

@@ -611,7 +611,7 @@ async fn one_watcher_leads_and_a_standby_takes_over() {
     // Exactly one holds the watcher lock (a bigint key shows as classid = high, objid = low 32 bits).
     let holders = || async {
         let sql = format!(
-            "select count(*) from pg_locks where locktype = 'advisory' and granted and classid = {} and objid = {}",
+            "select count(*) from pg_locks where locktype = 'advisory' and granted and database = (select oid from pg_database where datname = current_database()) and classid = {} and objid = {}",
             berth::leader::WATCHER_LOCK >> 32,
             berth::leader::WATCHER_LOCK & 0xffff_ffff
         );
