@@ -67,9 +67,16 @@ pub struct RawConfig {
     /// This node's name (agent); defaults to the host name.
     #[arg(long, env = "BERTH_NODE_NAME")]
     pub node_name: Option<String>,
+    /// This node's labels for scheduling (agent), e.g. `zone=a,disk=ssd`.
+    #[arg(long, env = "BERTH_NODE_LABELS", default_value = "")]
+    pub node_labels: String,
     /// The address the edge uses to reach this node's instances.
     #[arg(long, env = "BERTH_NODE_ADDRESS", default_value = "127.0.0.1")]
     pub node_address: String,
+    /// Prefix of the names of the containers the agent creates (installations sharing one
+    /// Docker engine use different ones).
+    #[arg(long, env = "BERTH_CONTAINER_PREFIX", default_value = "berth-")]
+    pub container_prefix: String,
     /// Where berth keeps its private Postgres, NATS and state.
     #[arg(long, env = "BERTH_DATA_DIR", default_value = ".berth")]
     pub data_dir: PathBuf,
@@ -131,7 +138,9 @@ pub struct Config {
     pub api_listen: SocketAddr,
     pub api_token: Option<String>,
     pub node_name: String,
+    pub node_labels: std::collections::BTreeMap<String, String>,
     pub node_address: String,
+    pub container_prefix: String,
     pub data_dir: PathBuf,
     pub log: String,
     pub log_format: LogFormat,
@@ -231,6 +240,38 @@ impl RawConfig {
                 format!("`{}` is not an IP address or hostname", self.node_address),
             ));
         }
+        let mut node_labels = std::collections::BTreeMap::new();
+        for pair in self
+            .node_labels
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
+            match pair.split_once('=') {
+                Some((k, v)) if !k.trim().is_empty() => {
+                    node_labels.insert(k.trim().to_string(), v.trim().to_string());
+                }
+                _ => {
+                    return Err(err(
+                        "node-labels",
+                        format!("`{pair}` is not key=value (expected e.g. zone=a,disk=ssd)"),
+                    ));
+                }
+            }
+        }
+        if !self
+            .container_prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            || !self
+                .container_prefix
+                .starts_with(|c: char| c.is_ascii_alphanumeric())
+        {
+            return Err(err(
+                "container-prefix",
+                "must start with a letter or digit and hold only letters, digits, `-`, `_` and `.`",
+            ));
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(err("data-dir", "must not be empty"));
         }
@@ -260,6 +301,8 @@ impl RawConfig {
             api_listen,
             api_token: self.api_token.clone().filter(|t| !t.is_empty()),
             node_name,
+            node_labels,
+            container_prefix: self.container_prefix.clone(),
             node_address: self.node_address.clone(),
             data_dir: self.data_dir.clone(),
             log: self.log.clone(),

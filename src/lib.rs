@@ -7,12 +7,15 @@
 //! - [`db`]: the Postgres pool and the embedded migrations (the data model of DESIGN §2,
 //!   with the outbox triggers of §3).
 //! - [`events`]: the JetStream stream, subjects and event payload.
+//! - [`watcher`], [`listener`], [`manager`], [`builder`], [`agent`]: the components of
+//!   DESIGN §1, each with a `run(deps, shutdown)`.
 //! - [`api`]: the HTTP API.
 //! - [`daemon`]: the composition root of `berth up`, including the private Postgres and
 //!   nats-server it starts when given no URLs.
 //! - [`config`], [`telemetry`], [`cli`]: settings, logs and the command line.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod api;
 pub mod builder;
 pub mod cli;

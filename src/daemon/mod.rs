@@ -25,14 +25,17 @@ pub enum Component {
     Listener,
     Manager,
     Builder,
+    Agent,
     Api,
 }
 
 impl Component {
-    pub const ALL: [Component; 4] = [
+    pub const ALL: [Component; 6] = [
         Component::Watcher,
         Component::Listener,
+        Component::Manager,
         Component::Builder,
+        Component::Agent,
         Component::Api,
     ];
 
@@ -42,6 +45,7 @@ impl Component {
             Component::Listener => "listener",
             Component::Manager => "manager",
             Component::Builder => "builder",
+            Component::Agent => "agent",
             Component::Api => "api",
         }
     }
@@ -273,11 +277,7 @@ async fn run_components(
                 );
             }
             Component::Builder => {
-                let docker = bollard::Docker::connect_with_local_defaults()
-                    .context("connecting to the Docker engine")?
-                    .negotiate_version()
-                    .await
-                    .context("the Docker engine does not answer (is it running?)")?;
+                let docker = connect_docker().await?;
                 let builder = crate::builder::Builder::new(crate::builder::BuilderDeps {
                     pool: pool.clone(),
                     docker,
@@ -304,6 +304,41 @@ async fn run_components(
                         metrics.clone(),
                         shutdown.clone(),
                     ),
+                );
+            }
+            Component::Agent => {
+                // A node without Docker still runs exec instances.
+                let docker = match connect_docker().await {
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        tracing::warn!(
+                            error = format!("{e:#}"),
+                            "no Docker engine: only exec instances can run here"
+                        );
+                        None
+                    }
+                };
+                let deps = crate::agent::AgentDeps {
+                    pool: pool.clone(),
+                    docker,
+                    node: crate::agent::NodeConfig {
+                        name: config.node_name.clone(),
+                        address: config.node_address.clone(),
+                        labels: config.node_labels.clone(),
+                        capacity: None,
+                    },
+                    data_dir: config.data_dir.clone(),
+                    options: crate::agent::AgentOptions {
+                        container_prefix: config.container_prefix.clone(),
+                        ..Default::default()
+                    },
+                };
+                spawn_component(
+                    &tracker,
+                    &failure,
+                    *component,
+                    shutdown.clone(),
+                    crate::agent::run(deps, js.clone(), metrics.clone(), shutdown.clone()),
                 );
             }
             Component::Api => {
@@ -349,6 +384,14 @@ async fn run_components(
         Some(message) => Err(anyhow::anyhow!(message)),
         None => Ok(()),
     }
+}
+
+async fn connect_docker() -> anyhow::Result<bollard::Docker> {
+    bollard::Docker::connect_with_local_defaults()
+        .context("connecting to the Docker engine")?
+        .negotiate_version()
+        .await
+        .context("the Docker engine does not answer (is it running?)")
 }
 
 /// The first component failure, which becomes `berth up`'s exit status.

@@ -191,6 +191,32 @@ pub struct TestDocker {
 }
 
 impl TestDocker {
+    /// Builds `context` (see [`busybox_httpd_context`]) as `<prefix>-<name>:1`.
+    pub async fn build_image(&self, context: &Path, name: &str) -> String {
+        use futures_util::StreamExt;
+        let tag = format!("{}:1", self.name(name));
+        let options = bollard::query_parameters::BuildImageOptionsBuilder::new()
+            .t(&tag)
+            .rm(true)
+            .forcerm(true)
+            .networkmode("host")
+            .build();
+        let body = bollard::body_full(bytes::Bytes::from(tar_folder(context)));
+        let mut stream = self.docker.build_image(options, None, Some(body));
+        let mut log = String::new();
+        while let Some(item) = stream.next().await {
+            let info = item.expect("the build stream reads");
+            if let Some(detail) = info.error_detail {
+                panic!("build failed: {detail:?}\n{log}");
+            }
+            if let Some(s) = info.stream {
+                log.push_str(&s);
+            }
+        }
+        assert!(log.contains("Successfully"), "{log}");
+        tag
+    }
+
     pub async fn new() -> TestDocker {
         let docker = bollard::Docker::connect_with_local_defaults()
             .expect("docker socket")
@@ -309,4 +335,30 @@ impl Drop for ChildGuard {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Runs the listener (events from the test's rows to its nats-server) until the token is
+/// cancelled.
+pub fn start_listener(
+    db: &TestDb,
+    client: async_nats::Client,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let deps = berth::listener::ListenerDeps {
+        pool: db.pool.clone(),
+        database_url: db.url.clone(),
+        nats: client,
+        metrics: berth::metrics::Metrics::new(),
+        options: berth::listener::ListenerOptions {
+            batch: 500,
+            ..Default::default()
+        },
+    };
+    (
+        shutdown.clone(),
+        tokio::spawn(berth::listener::run(deps, shutdown)),
+    )
 }

@@ -13,31 +13,7 @@ use futures_util::StreamExt;
 use sqlx::{PgPool, Row};
 use tokio_util::sync::CancellationToken;
 
-use crate::fixtures::{ChildGuard, TestDb, TestNats, berth_bin, eventually};
-
-fn start_listener(
-    db: &TestDb,
-    client: async_nats::Client,
-) -> (
-    CancellationToken,
-    tokio::task::JoinHandle<anyhow::Result<()>>,
-) {
-    let shutdown = CancellationToken::new();
-    let deps = berth::listener::ListenerDeps {
-        pool: db.pool.clone(),
-        database_url: db.url.clone(),
-        nats: client,
-        metrics: berth::metrics::Metrics::new(),
-        options: berth::listener::ListenerOptions {
-            batch: 500,
-            ..Default::default()
-        },
-    };
-    (
-        shutdown.clone(),
-        tokio::spawn(berth::listener::run(deps, shutdown)),
-    )
-}
+use crate::fixtures::{ChildGuard, TestDb, TestNats, berth_bin, eventually, start_listener};
 
 async fn unpublished(pool: &PgPool) -> i64 {
     sqlx::query_scalar("select count(*) from events where published_at is null")

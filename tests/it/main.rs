@@ -1,6 +1,7 @@
 //! berth's integration tests: one binary, real services (Postgres, NATS JetStream, the
 //! Docker engine, the berth binary itself). Run them with scripts/test.sh.
 
+mod agent;
 mod builder;
 mod cli;
 mod docker;
