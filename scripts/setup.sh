@@ -27,6 +27,7 @@ command -v nats-server >/dev/null || missing+=(nats-server)
 command -v dockerd >/dev/null || missing+=(docker.io)
 busybox_is_static || missing+=(busybox-static)
 command -v git >/dev/null || missing+=(git)
+command -v openssl >/dev/null || missing+=(openssl)   # the edge's TLS tests make certificates
 command -v cc >/dev/null || missing+=(gcc libc6-dev)
 if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"

@@ -220,6 +220,21 @@ impl RawConfig {
             Some(a) if !a.is_empty() => Some(parse_addr("edge-tls-listen", a)?),
             _ => None,
         };
+        let tls_dir = self.tls_dir.clone().filter(|d| !d.as_os_str().is_empty());
+        if edge_tls_listen.is_some() && tls_dir.is_none() {
+            return Err(err(
+                "edge-tls-listen",
+                "needs --tls-dir / BERTH_TLS_DIR, the folder of certificates",
+            ));
+        }
+        if let Some(dir) = &tls_dir
+            && !dir.is_dir()
+        {
+            return Err(err(
+                "tls-dir",
+                format!("`{}` is not a folder", dir.display()),
+            ));
+        }
         let api_listen = parse_addr("api-listen", &self.api_listen)?;
         if let Some(token) = &self.api_token
             && !token.is_empty()
@@ -297,7 +312,7 @@ impl RawConfig {
             rescan_interval,
             edge_listen,
             edge_tls_listen,
-            tls_dir: self.tls_dir.clone(),
+            tls_dir,
             api_listen,
             api_token: self.api_token.clone().filter(|t| !t.is_empty()),
             node_name,

@@ -9,6 +9,7 @@
 //! - [`events`]: the JetStream stream, subjects and event payload.
 //! - [`watcher`], [`listener`], [`manager`], [`builder`], [`agent`]: the components of
 //!   DESIGN §1, each with a `run(deps, shutdown)`.
+//! - [`edge`]: the reverse proxy routing by Host to healthy instances.
 //! - [`api`]: the HTTP API.
 //! - [`daemon`]: the composition root of `berth up`, including the private Postgres and
 //!   nats-server it starts when given no URLs.
@@ -22,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod db;
+pub mod edge;
 pub mod events;
 pub mod leader;
 pub mod listener;

@@ -26,16 +26,18 @@ pub enum Component {
     Manager,
     Builder,
     Agent,
+    Edge,
     Api,
 }
 
 impl Component {
-    pub const ALL: [Component; 6] = [
+    pub const ALL: [Component; 7] = [
         Component::Watcher,
         Component::Listener,
         Component::Manager,
         Component::Builder,
         Component::Agent,
+        Component::Edge,
         Component::Api,
     ];
 
@@ -46,6 +48,7 @@ impl Component {
             Component::Manager => "manager",
             Component::Builder => "builder",
             Component::Agent => "agent",
+            Component::Edge => "edge",
             Component::Api => "api",
         }
     }
@@ -339,6 +342,27 @@ async fn run_components(
                     *component,
                     shutdown.clone(),
                     crate::agent::run(deps, js.clone(), metrics.clone(), shutdown.clone()),
+                );
+            }
+            Component::Edge => {
+                let listener = crate::edge::bind(config.edge_listen).await?;
+                let tls = match (config.edge_tls_listen, &config.tls_dir) {
+                    (Some(addr), Some(dir)) => Some((crate::edge::bind(addr).await?, dir.clone())),
+                    _ => None,
+                };
+                let deps = crate::edge::EdgeDeps {
+                    pool: pool.clone(),
+                    listener,
+                    tls,
+                    metrics: metrics.clone(),
+                    options: Default::default(),
+                };
+                spawn_component(
+                    &tracker,
+                    &failure,
+                    *component,
+                    shutdown.clone(),
+                    crate::edge::run(deps, js.clone(), shutdown.clone()),
                 );
             }
             Component::Api => {

@@ -51,6 +51,9 @@ pub trait Reconciler: Send + Sync + 'static {
 pub struct ControllerOptions {
     /// Durable consumer name prefix (`manager`, `builder`, `agent-<node>`).
     pub durable: String,
+    /// Ephemeral consumers instead (the edge: every edge sees every event, and reloads fully
+    /// when its consumers are re-created).
+    pub ephemeral: bool,
     /// Tables whose events it wants (`deployment`, `instance`, ...). One durable consumer
     /// per table: nats-server 2.9 takes one filter subject per consumer.
     pub tables: Vec<&'static str>,
@@ -67,6 +70,7 @@ impl ControllerOptions {
     pub fn new(durable: impl Into<String>, tables: Vec<&'static str>) -> Self {
         ControllerOptions {
             durable: durable.into(),
+            ephemeral: false,
             tables,
             concurrency: 4,
             resync: Duration::from_secs(60),
@@ -199,7 +203,7 @@ pub async fn run_controller<R: Reconciler>(
         tasks.spawn(feed(
             reconciler.clone(),
             js.clone(),
-            options.durable.clone(),
+            options.clone(),
             table,
             queue.clone(),
             resync_now.clone(),
@@ -243,31 +247,38 @@ pub async fn run_controller<R: Reconciler>(
 async fn feed<R: Reconciler>(
     reconciler: Arc<R>,
     js: jetstream::Context,
-    durable: String,
+    options: ControllerOptions,
     table: &'static str,
     queue: WorkQueue<R::Key>,
     resync_now: Arc<tokio::sync::Notify>,
     shutdown: CancellationToken,
 ) {
-    let name = format!("{durable}-{}", table.replace('_', "-"));
+    let name = format!("{}-{}", options.durable, table.replace('_', "-"));
+    let ephemeral = options.ephemeral;
     let mut attempt = 0;
     loop {
         let session = async {
             let stream = js.get_stream(super::STREAM).await?;
-            let consumer = stream
-                .get_or_create_consumer(
-                    &name,
-                    consumer::pull::Config {
-                        durable_name: Some(name.clone()),
-                        filter_subject: format!("{table}.*"),
-                        ack_policy: consumer::AckPolicy::Explicit,
-                        // Events older than the consumer are of no use: a resync reads the rows.
-                        deliver_policy: consumer::DeliverPolicy::New,
-                        max_ack_pending: 10_000,
-                        ..Default::default()
-                    },
-                )
-                .await?;
+            let config = consumer::pull::Config {
+                durable_name: (!ephemeral).then(|| name.clone()),
+                filter_subject: format!("{table}.*"),
+                ack_policy: consumer::AckPolicy::Explicit,
+                // Events older than the consumer are of no use: a resync reads the rows.
+                deliver_policy: consumer::DeliverPolicy::New,
+                max_ack_pending: 10_000,
+                // An ephemeral consumer whose process died goes away by itself.
+                inactive_threshold: if ephemeral {
+                    Duration::from_secs(30)
+                } else {
+                    Duration::ZERO
+                },
+                ..Default::default()
+            };
+            let consumer = if ephemeral {
+                stream.create_consumer(config).await?
+            } else {
+                stream.get_or_create_consumer(&name, config).await?
+            };
             let mut messages = consumer.messages().await?;
             if attempt > 0 {
                 resync_now.notify_one();

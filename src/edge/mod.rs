@@ -1,0 +1,275 @@
+//! The edge: an HTTP(S) reverse proxy routing by Host to the healthy instances of an app
+//! (DESIGN §1 step 5, §9).
+//!
+//! Routes live in memory ([`routes::RouteTable`]): loaded whole from Postgres at start and
+//! whenever the event feed is re-created (ephemeral consumers: every edge sees every event),
+//! then rebuilt per app on `app.*`, `deployment.*`, `instance.*`, `domain.*` and
+//! `deployment_instance.*` events. Requests ([`proxy`]) only ever read the table.
+//!
+//! Invariants: the edge never queries Postgres on the request path; an instance leaving the
+//! table gets no new request, while requests already sent to it run on (it is stopped only
+//! after its drain time); on SIGTERM the edge stops accepting and lets open requests finish
+//! within the drain deadline.
+
+pub mod proxy;
+pub mod routes;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::events::EventPayload;
+use crate::events::controller::{Action, ControllerOptions, Reconciler};
+use crate::metrics::Metrics;
+use proxy::Proxy;
+use routes::RouteTable;
+
+/// What the edge needs.
+pub struct EdgeDeps {
+    pub pool: PgPool,
+    /// The bound HTTP listener (tests bind port 0).
+    pub listener: TcpListener,
+    /// The bound HTTPS listener and the certificate folder, when TLS is configured.
+    pub tls: Option<(TcpListener, PathBuf)>,
+    pub metrics: Arc<Metrics>,
+    pub options: EdgeOptions,
+}
+
+#[derive(Debug, Clone)]
+pub struct EdgeOptions {
+    pub upstream: proxy::UpstreamTimeouts,
+    /// How long open requests may run on after SIGTERM.
+    pub shutdown_drain: Duration,
+    /// A client must send its request headers within this.
+    pub header_read_timeout: Duration,
+    /// Limits against hostile clients (hyper rejects what exceeds them).
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+}
+
+impl Default for EdgeOptions {
+    fn default() -> Self {
+        EdgeOptions {
+            upstream: Default::default(),
+            shutdown_drain: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+        }
+    }
+}
+
+/// Which routes to rebuild.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum RouteKey {
+    All,
+    App(i64),
+}
+
+/// Keeps the route table current from events (the edge's reconciler).
+pub struct RouteUpdater {
+    pool: PgPool,
+    table: Arc<RouteTable>,
+}
+
+impl Reconciler for RouteUpdater {
+    type Key = RouteKey;
+
+    fn name(&self) -> &'static str {
+        "edge"
+    }
+
+    fn keys_for(&self, event: &EventPayload) -> Vec<RouteKey> {
+        event.app_id.map(RouteKey::App).into_iter().collect()
+    }
+
+    async fn list_keys(&self) -> anyhow::Result<Vec<RouteKey>> {
+        Ok(vec![RouteKey::All])
+    }
+
+    async fn reconcile(&self, key: &RouteKey) -> anyhow::Result<Action> {
+        match key {
+            RouteKey::All => {
+                let n = self.table.load_all(&self.pool).await?;
+                tracing::debug!(hosts = n, "routes loaded");
+            }
+            RouteKey::App(id) => self.table.load_app(&self.pool, *id).await?,
+        }
+        Ok(Action::Done)
+    }
+}
+
+/// Runs the edge until shutdown: routes from Postgres and events, HTTP and HTTPS servers.
+pub async fn run(
+    deps: EdgeDeps,
+    js: async_nats::jetstream::Context,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let table = Arc::new(RouteTable::new(deps.metrics.clone()));
+    // Serve only once the routes are known: an empty table would answer 404 to everyone.
+    let hosts = table.load_all(&deps.pool).await?;
+    tracing::info!(hosts, "edge routes loaded");
+    let latency = deps.metrics.histogram(
+        "berth_edge_request_duration_seconds",
+        "Time from a request's arrival to its response headers.",
+        &[],
+    );
+    let proxy = Arc::new(Proxy::new(
+        table.clone(),
+        deps.options.upstream.clone(),
+        latency,
+    ));
+    let updater = Arc::new(RouteUpdater {
+        pool: deps.pool.clone(),
+        table,
+    });
+    let controller_options = ControllerOptions {
+        ephemeral: true,
+        concurrency: 2,
+        resync: Duration::from_secs(60),
+        ..ControllerOptions::new(
+            "edge",
+            vec![
+                "app",
+                "deployment",
+                "instance",
+                "domain",
+                "deployment_instance",
+            ],
+        )
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(crate::events::controller::run_controller(
+        updater,
+        js,
+        controller_options,
+        deps.metrics.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(serve(
+        deps.listener,
+        None,
+        proxy.clone(),
+        deps.options.clone(),
+        shutdown.clone(),
+    ));
+    if let Some((listener, dir)) = deps.tls {
+        let acceptor = tls::acceptor(&dir, shutdown.clone())?;
+        tasks.spawn(serve(
+            listener,
+            Some(acceptor),
+            proxy,
+            deps.options.clone(),
+            shutdown.clone(),
+        ));
+    }
+    let mut result = Ok(());
+    while let Some(done) = tasks.join_next().await {
+        if let Ok(Err(e)) = done {
+            shutdown.cancel();
+            result = Err(e);
+        }
+    }
+    result
+}
+
+/// Accepts connections until shutdown, then drains them within the deadline.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    proxy: Arc<Proxy>,
+    options: EdgeOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        .max_buf_size(options.max_header_bytes)
+        .max_headers(options.max_headers)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_header_list_size(options.max_header_bytes as u32);
+    let builder = Arc::new(builder);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(addr = %listener.local_addr()?, scheme, "edge listening");
+    loop {
+        let (stream, client) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = proxy.clone();
+        let service = service_fn(move |req| proxy.clone().handle(req, client, scheme));
+        match &tls {
+            None => {
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(client.addr = %client, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            Some(acceptor) => {
+                let (acceptor, builder, watcher) =
+                    (acceptor.clone(), builder.clone(), graceful.watcher());
+                tokio::spawn(async move {
+                    let Ok(Ok(tls_stream)) =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                            .await
+                    else {
+                        tracing::debug!(client.addr = %client, "TLS handshake failed");
+                        return;
+                    };
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(tls_stream), service)
+                        .into_owned();
+                    if let Err(e) = watcher.watch(conn).await {
+                        tracing::debug!(client.addr = %client, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(options.shutdown_drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("edge connections still open after the drain deadline; closing them");
+    }
+    Ok(())
+}
+
+/// Binds the edge's listeners (before anything starts, so a taken port fails `berth up` early).
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    use anyhow::Context;
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the edge to {addr}"))
+}

@@ -1,0 +1,474 @@
+//! One request through the edge: find the route by host, pick an endpoint, forward with the
+//! forwarding headers, stream the response back (never buffered), and pass upgrades
+//! (WebSocket) through as raw byte streams.
+//!
+//! Retries go to another endpoint only when nothing of the request can have reached an app:
+//! a connect failure, or a bodiless idempotent request whose connection closed before any
+//! response byte.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Version};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use super::routes::{Endpoint, RouteTable, normalize_host};
+use crate::metrics::Histogram;
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Timeouts of the upstream side.
+#[derive(Debug, Clone)]
+pub struct UpstreamTimeouts {
+    pub connect: Duration,
+    /// From sending the request to the response's headers.
+    pub response_headers: Duration,
+    /// Pooled keep-alive connections unused this long are closed.
+    pub idle: Duration,
+}
+
+impl Default for UpstreamTimeouts {
+    fn default() -> Self {
+        UpstreamTimeouts {
+            connect: Duration::from_secs(2),
+            response_headers: Duration::from_secs(60),
+            idle: Duration::from_secs(90),
+        }
+    }
+}
+
+/// What every request needs.
+pub struct Proxy {
+    pub table: Arc<RouteTable>,
+    client: Client<HttpConnector, Body>,
+    timeouts: UpstreamTimeouts,
+    latency: Arc<Histogram>,
+}
+
+impl Proxy {
+    pub fn new(
+        table: Arc<RouteTable>,
+        timeouts: UpstreamTimeouts,
+        latency: Arc<Histogram>,
+    ) -> Proxy {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(timeouts.connect));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(timeouts.idle)
+            .pool_max_idle_per_host(1024)
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .build(connector);
+        Proxy {
+            table,
+            client,
+            timeouts,
+            latency,
+        }
+    }
+
+    /// Serves one request from `client` over `scheme` (`http` or `https`).
+    pub async fn handle(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+        scheme: &'static str,
+    ) -> Result<Response<Body>, Infallible> {
+        let started = Instant::now();
+        let raw_host = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        let host = normalize_host(&raw_host);
+        let method = req.method().clone();
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        let Some(route) = self.table.get(&host) else {
+            let response = page(StatusCode::NOT_FOUND, "no app answers to this host");
+            access_log(&host, &method, &path, response.status(), None, started);
+            return Ok(response);
+        };
+        let metrics = self.table.metrics_of(&route);
+        metrics.requests.inc();
+
+        let upgrade =
+            req.headers().contains_key(header::UPGRADE) && req.version() == Version::HTTP_11;
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let bodiless = is_bodiless(req.headers());
+        let retriable = bodiless && is_idempotent(&method);
+        let (mut parts, body) = req.into_parts();
+        forwarding_headers(&mut parts.headers, client, scheme, &raw_host, upgrade);
+        let mut body = Some(body.boxed());
+        let mut tried: Option<i64> = None;
+        let mut last_error = String::new();
+        for attempt in 0..2 {
+            let Some(endpoint) = self.table.pick(&route, tried) else {
+                break;
+            };
+            tried = Some(endpoint.instance_id);
+            let outgoing_body = match body.take() {
+                Some(b) => b,
+                None => empty(),
+            };
+            let mut request = Request::new(outgoing_body);
+            *request.method_mut() = method.clone();
+            *request.uri_mut() = match format!("http://{}{path}", endpoint.addr).parse() {
+                Ok(u) => u,
+                Err(_) => return Ok(page(StatusCode::BAD_REQUEST, "malformed request target")),
+            };
+            *request.version_mut() = Version::HTTP_11;
+            *request.headers_mut() = if attempt == 0 && retriable {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
+            };
+            let guard = InFlight::new(endpoint.clone());
+            let sent =
+                tokio::time::timeout(self.timeouts.response_headers, self.client.request(request))
+                    .await;
+            match sent {
+                Ok(Ok(mut response)) => {
+                    let status = response.status();
+                    access_log(&host, &method, &path, status, Some(endpoint.addr), started);
+                    self.latency.observe(started.elapsed());
+                    if status == StatusCode::SWITCHING_PROTOCOLS
+                        && let Some(client_upgrade) = client_upgrade
+                    {
+                        let upstream_upgrade = hyper::upgrade::on(&mut response);
+                        tokio::spawn(async move {
+                            let _guard = guard;
+                            if let (Ok(down), Ok(up)) =
+                                (client_upgrade.await, upstream_upgrade.await)
+                            {
+                                let _ = tokio::io::copy_bidirectional(
+                                    &mut TokioIo::new(down),
+                                    &mut TokioIo::new(up),
+                                )
+                                .await;
+                            }
+                        });
+                        let (mut rparts, _) = response.into_parts();
+                        strip_hop_by_hop(&mut rparts.headers, true);
+                        return Ok(Response::from_parts(rparts, empty()));
+                    }
+                    let (mut rparts, rbody) = response.into_parts();
+                    strip_hop_by_hop(&mut rparts.headers, false);
+                    // The endpoint counts as busy until the body is streamed out (the
+                    // guard goes with the body).
+                    let rbody = rbody
+                        .map_frame(move |frame| {
+                            let _busy = &guard;
+                            frame
+                        })
+                        .boxed();
+                    return Ok(Response::from_parts(rparts, rbody));
+                }
+                Ok(Err(e)) => {
+                    metrics.upstream_errors.inc();
+                    drop(guard);
+                    let connect = e.is_connect();
+                    if connect {
+                        self.table.eject(&endpoint);
+                    }
+                    last_error = format!("{e}");
+                    tracing::debug!(app.name = %route.app, upstream = %endpoint.addr, error = %e, "upstream request failed");
+                    // Nothing reached the app (connect), or nothing can be lost by asking again.
+                    if attempt == 0 && (retriable || (connect && bodiless)) {
+                        continue;
+                    }
+                    break;
+                }
+                Err(_) => {
+                    metrics.upstream_errors.inc();
+                    last_error = "the app did not answer in time".into();
+                    let response = page(StatusCode::GATEWAY_TIMEOUT, &last_error);
+                    access_log(
+                        &host,
+                        &method,
+                        &path,
+                        response.status(),
+                        Some(endpoint.addr),
+                        started,
+                    );
+                    return Ok(response);
+                }
+            }
+        }
+        let response = if tried.is_none() {
+            let mut r = page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no healthy instance of this app right now",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        } else {
+            tracing::warn!(app.name = %route.app, error = %last_error, "bad gateway");
+            page(
+                StatusCode::BAD_GATEWAY,
+                "the app's instance could not be reached",
+            )
+        };
+        access_log(&host, &method, &path, response.status(), None, started);
+        Ok(response)
+    }
+}
+
+/// Keeps an endpoint's outstanding count while a request (and its response body) is in flight.
+struct InFlight(Arc<Endpoint>);
+
+impl InFlight {
+    fn new(endpoint: Arc<Endpoint>) -> InFlight {
+        endpoint.outstanding.fetch_add(1, Ordering::Relaxed);
+        InFlight(endpoint)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn access_log(
+    host: &str,
+    method: &Method,
+    path: &str,
+    status: StatusCode,
+    upstream: Option<SocketAddr>,
+    started: Instant,
+) {
+    tracing::info!(
+        target: "berth::access",
+        host,
+        method = %method,
+        path,
+        status = status.as_u16(),
+        upstream = upstream.map(|u| u.to_string()).unwrap_or_default(),
+        duration_ms = started.elapsed().as_secs_f64() * 1e3,
+    );
+}
+
+fn empty() -> Body {
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// A small page of the edge's own.
+pub fn page(status: StatusCode, message: &str) -> Response<Body> {
+    let text = format!(
+        "<!doctype html><title>{code}</title><h1>{code}</h1><p>{message}</p><hr><p>berth edge</p>\n",
+        code = status
+    );
+    let mut response = Response::new(
+        Full::new(Bytes::from(text))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    response
+}
+
+fn is_bodiless(headers: &HeaderMap) -> bool {
+    !headers.contains_key(header::TRANSFER_ENCODING)
+        && headers
+            .get(header::CONTENT_LENGTH)
+            .is_none_or(|v| v.as_bytes() == b"0")
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers, and those the Connection header names. An upgrade keeps its
+/// `Connection: upgrade` and `Upgrade`.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    let kept_upgrade = headers.get(header::UPGRADE).cloned();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if upgrade && let Some(u) = kept_upgrade {
+        headers.insert(header::UPGRADE, u);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Hop-by-hop headers out; X-Forwarded-*, Forwarded and X-Request-Id in.
+fn forwarding_headers(
+    headers: &mut HeaderMap,
+    client: SocketAddr,
+    scheme: &str,
+    host: &str,
+    upgrade: bool,
+) {
+    strip_hop_by_hop(headers, upgrade);
+    let ip = client.ip().to_canonical();
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {ip}"),
+        None => ip.to_string(),
+    };
+    let for_value = if ip.is_ipv6() {
+        format!("\"[{ip}]\"")
+    } else {
+        ip.to_string()
+    };
+    let forwarded_entry = format!("for={for_value};host=\"{host}\";proto={scheme}");
+    let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {forwarded_entry}"),
+        None => forwarded_entry,
+    };
+    let needs_id = !headers.contains_key("x-request-id");
+    let mut set = |name: &'static str, value: String| {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(HeaderName::from_static(name), v);
+        }
+    };
+    set("x-forwarded-for", xff);
+    set("x-forwarded-proto", scheme.to_string());
+    set("x-forwarded-host", host.to_string());
+    set("forwarded", forwarded);
+    if needs_id {
+        set("x-request-id", request_id());
+    }
+    if !headers.contains_key(header::HOST)
+        && let Ok(v) = HeaderValue::from_str(host)
+    {
+        // An HTTP/2 request carries its host as :authority; HTTP/1.1 upstreams need Host.
+        headers.insert(header::HOST, v);
+    }
+}
+
+/// 128 random bits in hex: a per-thread xorshift generator seeded from the kernel's (ids
+/// must be unique, not secret; a read of /dev/urandom per request would cost a syscall).
+fn request_id() -> String {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<(u64, u64)> = Cell::new(seed());
+    }
+    fn seed() -> (u64, u64) {
+        use std::io::Read;
+        let mut bytes = [0u8; 16];
+        if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+            let _ = f.read_exact(&mut bytes);
+        }
+        let a = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) | 1;
+        let b = u64::from_le_bytes(bytes[8..].try_into().expect("8 bytes")) | 1;
+        (a, b)
+    }
+    STATE.with(|s| {
+        let (mut x, y) = s.get();
+        // xorshift128+
+        x ^= x << 23;
+        let next = x ^ y ^ (x >> 17) ^ (y >> 26);
+        s.set((y, next));
+        let (hi, lo) = (next.wrapping_add(y), y.rotate_left(32) ^ next);
+        format!("{hi:016x}{lo:016x}")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_forwarding_headers_come() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        forwarding_headers(
+            &mut h,
+            "127.0.0.1:5555".parse().unwrap(),
+            "http",
+            "hello.localhost:8080",
+            false,
+        );
+        assert!(h.get("connection").is_none() && h.get("x-secret-hop").is_none());
+        assert!(h.get("keep-alive").is_none() && h.get("te").is_none());
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "hello.localhost:8080");
+        assert_eq!(
+            h["forwarded"],
+            "for=127.0.0.1;host=\"hello.localhost:8080\";proto=http"
+        );
+        assert_eq!(h["x-request-id"].len(), 32);
+        assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn an_upgrade_keeps_its_upgrade_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        forwarding_headers(
+            &mut h,
+            "[::1]:5555".parse().unwrap(),
+            "https",
+            "ws.example",
+            true,
+        );
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(
+            h["forwarded"],
+            "for=\"[::1]\";host=\"ws.example\";proto=https"
+        );
+    }
+}

@@ -1,0 +1,403 @@
+//! The edge's route table: hostname -> the healthy endpoints of its app, in memory.
+//!
+//! Requests read it without locks (an `ArcSwap` of an immutable map); updates build a new map
+//! and swap it in, so a request never waits on Postgres or on an update. Endpoints are shared
+//! across table versions (by instance id), so their outstanding-request counts and ejections
+//! survive updates, and a request in flight keeps its endpoint alive after it leaves the table
+//! (that is the drain).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use sqlx::{PgPool, Row};
+
+use crate::metrics::{Counter, Metrics};
+
+/// One healthy instance the edge can send requests to.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub instance_id: i64,
+    pub addr: SocketAddr,
+    /// Requests in flight to it, for least-outstanding choice.
+    pub outstanding: AtomicUsize,
+    /// Until when (ms since the table's epoch) it is skipped after a connect error.
+    ejected_until: AtomicU64,
+}
+
+/// The routes of one hostname.
+#[derive(Debug)]
+pub struct Route {
+    pub app_id: i64,
+    pub app: String,
+    pub endpoints: Vec<Arc<Endpoint>>,
+    /// The app's counters, looked up on the route's first request (not per request).
+    pub metrics: std::sync::OnceLock<Arc<AppMetrics>>,
+}
+
+/// Per-app edge metrics.
+#[derive(Debug)]
+pub struct AppMetrics {
+    pub requests: Arc<Counter>,
+    pub upstream_errors: Arc<Counter>,
+}
+
+/// All routes, swapped whole.
+pub struct RouteTable {
+    routes: ArcSwap<HashMap<String, Arc<Route>>>,
+    /// Every endpoint by instance id, reused when a route is rebuilt.
+    endpoints: std::sync::Mutex<HashMap<i64, Arc<Endpoint>>>,
+    /// Serializes writers (readers never wait).
+    write: std::sync::Mutex<()>,
+    epoch: Instant,
+    /// How long an endpoint is skipped after a connect error.
+    pub ejection: Duration,
+    metrics: Arc<Metrics>,
+    /// Per-app counters by app name, registered once.
+    app_metrics: std::sync::Mutex<HashMap<String, Arc<AppMetrics>>>,
+}
+
+impl RouteTable {
+    pub fn new(metrics: Arc<Metrics>) -> RouteTable {
+        RouteTable {
+            routes: ArcSwap::from_pointee(HashMap::new()),
+            endpoints: Default::default(),
+            write: Default::default(),
+            epoch: Instant::now(),
+            ejection: Duration::from_secs(2),
+            metrics,
+            app_metrics: Default::default(),
+        }
+    }
+
+    /// The counters of a route's app.
+    pub fn metrics_of(&self, route: &Route) -> Arc<AppMetrics> {
+        route
+            .metrics
+            .get_or_init(|| {
+                let mut cache = self.app_metrics.lock().expect("app metrics lock");
+                cache
+                    .entry(route.app.clone())
+                    .or_insert_with(|| {
+                        let labels = [("app", route.app.as_str())];
+                        Arc::new(AppMetrics {
+                            requests: self.metrics.counter(
+                                "berth_edge_requests_total",
+                                "Requests the edge routed to an app.",
+                                &labels,
+                            ),
+                            upstream_errors: self.metrics.counter(
+                                "berth_edge_upstream_errors_total",
+                                "Requests to an app's instances that failed (connect, reset, timeout).",
+                                &labels,
+                            ),
+                        })
+                    })
+                    .clone()
+            })
+            .clone()
+    }
+}
+
+/// A row of the route query.
+struct RouteRow {
+    hostname: String,
+    app_id: i64,
+    app: String,
+    instance: Option<(i64, SocketAddr)>,
+}
+
+/// The routes of every app (`app_id` None) or of one: its domains and its healthy instances,
+/// of any active deployment (the current one and, during a rollout, the new one).
+const ROUTES_SQL: &str = "
+    select d.hostname, a.id as app_id, a.name as app, i.id as instance_id, i.host, i.port
+    from domains d
+    join apps a on a.id = d.app_id and a.deleted_at is null
+    left join lateral (
+        select i.id, i.host, i.port from instances i
+        join deployments dep on dep.id = i.deployment_id and dep.status = 'active'
+        where i.app_id = a.id and i.state = 'running' and i.desired_state = 'running'
+          and i.port is not null and i.host is not null
+    ) i on true
+    where $1::bigint is null or a.id = $1";
+
+impl RouteTable {
+    /// The route of a request's host (already normalized).
+    pub fn get(&self, host: &str) -> Option<Arc<Route>> {
+        self.routes.load().get(host).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.load().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Replaces the whole table from Postgres (at start and after the event feed reconnects).
+    pub async fn load_all(&self, pool: &PgPool) -> anyhow::Result<usize> {
+        let rows = query(pool, None).await?;
+        let _write = self.write.lock().expect("route writer lock");
+        let routes = self.build(rows);
+        let n = routes.len();
+        self.routes.store(Arc::new(routes));
+        self.forget_unused();
+        Ok(n)
+    }
+
+    /// Rebuilds one app's routes (its hostnames may have changed too).
+    pub async fn load_app(&self, pool: &PgPool, app_id: i64) -> anyhow::Result<()> {
+        let rows = query(pool, Some(app_id)).await?;
+        let _write = self.write.lock().expect("route writer lock");
+        let fresh = self.build(rows);
+        let current = self.routes.load();
+        let unchanged = fresh.len() == current.values().filter(|r| r.app_id == app_id).count()
+            && fresh.iter().all(|(host, route)| {
+                current.get(host).is_some_and(|old| {
+                    old.app_id == app_id
+                        && old.endpoints.len() == route.endpoints.len()
+                        && old
+                            .endpoints
+                            .iter()
+                            .zip(&route.endpoints)
+                            .all(|(a, b)| Arc::ptr_eq(a, b))
+                })
+            });
+        if unchanged {
+            return Ok(());
+        }
+        let mut next: HashMap<String, Arc<Route>> = current
+            .iter()
+            .filter(|(_, r)| r.app_id != app_id)
+            .map(|(h, r)| (h.clone(), r.clone()))
+            .collect();
+        next.extend(fresh);
+        self.routes.store(Arc::new(next));
+        self.forget_unused();
+        Ok(())
+    }
+
+    fn build(&self, rows: Vec<RouteRow>) -> HashMap<String, Arc<Route>> {
+        let mut endpoints = self.endpoints.lock().expect("endpoints lock");
+        let mut grouped: HashMap<String, Route> = HashMap::new();
+        for row in rows {
+            let route = grouped.entry(row.hostname).or_insert_with(|| Route {
+                app_id: row.app_id,
+                app: row.app.clone(),
+                endpoints: Vec::new(),
+                metrics: Default::default(),
+            });
+            if let Some((instance_id, addr)) = row.instance {
+                let endpoint = endpoints
+                    .entry(instance_id)
+                    .and_modify(|e| {
+                        if e.addr != addr {
+                            *e = Arc::new(Endpoint::new(instance_id, addr));
+                        }
+                    })
+                    .or_insert_with(|| Arc::new(Endpoint::new(instance_id, addr)))
+                    .clone();
+                route.endpoints.push(endpoint);
+            }
+        }
+        grouped
+            .into_iter()
+            .map(|(h, mut r)| {
+                r.endpoints.sort_by_key(|e| e.instance_id);
+                (h, Arc::new(r))
+            })
+            .collect()
+    }
+
+    /// Drops endpoints no route uses any more (requests in flight still hold theirs).
+    fn forget_unused(&self) {
+        let routes = self.routes.load();
+        let used: std::collections::HashSet<i64> = routes
+            .values()
+            .flat_map(|r| r.endpoints.iter().map(|e| e.instance_id))
+            .collect();
+        self.endpoints
+            .lock()
+            .expect("endpoints lock")
+            .retain(|id, _| used.contains(id));
+    }
+
+    /// Least outstanding requests among two endpoints picked at random, skipping ejected
+    /// ones (all ejected: pick among all rather than fail).
+    pub fn pick(&self, route: &Route, exclude: Option<i64>) -> Option<Arc<Endpoint>> {
+        let now = self.now_ms();
+        let candidates: Vec<&Arc<Endpoint>> = route
+            .endpoints
+            .iter()
+            .filter(|e| Some(e.instance_id) != exclude)
+            .collect();
+        let healthy: Vec<&Arc<Endpoint>> = candidates
+            .iter()
+            .copied()
+            .filter(|e| e.ejected_until.load(Ordering::Relaxed) <= now)
+            .collect();
+        let pool = if healthy.is_empty() {
+            candidates
+        } else {
+            healthy
+        };
+        match pool.len() {
+            0 => None,
+            1 => Some(pool[0].clone()),
+            n => {
+                let a = fastrand(n);
+                let mut b = fastrand(n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let (ea, eb) = (pool[a], pool[b]);
+                Some(
+                    if eb.outstanding.load(Ordering::Relaxed)
+                        < ea.outstanding.load(Ordering::Relaxed)
+                    {
+                        eb.clone()
+                    } else {
+                        ea.clone()
+                    },
+                )
+            }
+        }
+    }
+
+    /// Skips `endpoint` for a while after a connect error (passive health checking).
+    pub fn eject(&self, endpoint: &Endpoint) {
+        let until = self.now_ms() + self.ejection.as_millis() as u64;
+        endpoint.ejected_until.store(until, Ordering::Relaxed);
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+}
+
+impl Endpoint {
+    fn new(instance_id: i64, addr: SocketAddr) -> Endpoint {
+        Endpoint {
+            instance_id,
+            addr,
+            outstanding: AtomicUsize::new(0),
+            ejected_until: AtomicU64::new(0),
+        }
+    }
+}
+
+async fn query(pool: &PgPool, app_id: Option<i64>) -> anyhow::Result<Vec<RouteRow>> {
+    let rows = sqlx::query(ROUTES_SQL).bind(app_id).fetch_all(pool).await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let instance_id: Option<i64> = r.get("instance_id");
+        let host: Option<String> = r.get("host");
+        let port: Option<i32> = r.get("port");
+        let instance = match (instance_id, host, port) {
+            (Some(id), Some(host), Some(port)) => {
+                resolve(&host, port as u16).await.map(|a| (id, a))
+            }
+            _ => None,
+        };
+        out.push(RouteRow {
+            hostname: r.get("hostname"),
+            app_id: r.get("app_id"),
+            app: r.get("app"),
+            instance,
+        });
+    }
+    Ok(out)
+}
+
+/// A node address is an IP (resolved for free) or a hostname (resolved once per load).
+async fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Some(SocketAddr::new(ip, port));
+    }
+    tokio::net::lookup_host((host, port)).await.ok()?.next()
+}
+
+/// The route key of a Host header or URI authority: lowercase, without port or trailing dot.
+pub fn normalize_host(host: &str) -> String {
+    let host = host.trim();
+    let without_port = if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        rest.split(']').next().unwrap_or(rest)
+    } else {
+        match host.rsplit_once(':') {
+            Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+            _ => host,
+        }
+    };
+    without_port.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// A cheap random index in [0, n) (not for anything secret): a per-thread xorshift.
+fn fastrand(n: usize) -> usize {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos() as u64;
+            t | 1
+        });
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        (x % n as u64) as usize
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_are_normalized() {
+        assert_eq!(normalize_host("Hello.Example.COM"), "hello.example.com");
+        assert_eq!(
+            normalize_host("hello.example.com:8080"),
+            "hello.example.com"
+        );
+        assert_eq!(normalize_host("hello.example.com."), "hello.example.com");
+        assert_eq!(
+            normalize_host("hello.example.com.:443"),
+            "hello.example.com"
+        );
+        assert_eq!(normalize_host("[::1]:8080"), "::1");
+    }
+
+    #[test]
+    fn the_less_loaded_of_two_is_picked_and_ejected_ones_are_skipped() {
+        let table = RouteTable::new(Metrics::new());
+        let a = Arc::new(Endpoint::new(1, "127.0.0.1:1".parse().unwrap()));
+        let b = Arc::new(Endpoint::new(2, "127.0.0.1:2".parse().unwrap()));
+        a.outstanding.store(5, Ordering::Relaxed);
+        let route = Route {
+            app_id: 1,
+            app: "web".into(),
+            endpoints: vec![a.clone(), b.clone()],
+            metrics: Default::default(),
+        };
+        for _ in 0..20 {
+            assert_eq!(table.pick(&route, None).unwrap().instance_id, 2);
+        }
+        table.eject(&b);
+        assert_eq!(table.pick(&route, None).unwrap().instance_id, 1);
+        assert_eq!(
+            table.pick(&route, Some(1)).unwrap().instance_id,
+            2,
+            "all others ejected: still tried"
+        );
+    }
+}
