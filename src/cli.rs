@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::config::{ConfigError, RawConfig};
 use crate::daemon::Component;
 
+mod remote;
+
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_CONFIG: u8 = 64;
 
@@ -47,6 +49,25 @@ pub enum Command {
     Apply(SourceArgs),
     /// Show what `apply` would change; exit 1 when anything would.
     Plan(SourceArgs),
+    /// Show apps (a table), or one app: deployments with their timelines, instances per
+    /// node, last errors and build log tail.
+    Status {
+        /// One app.
+        app: Option<String>,
+        #[command(flatten)]
+        target: remote::ApiTarget,
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Print recent events; with --follow, keep printing live ones.
+    Events {
+        #[arg(long, short = 'f')]
+        follow: bool,
+        #[command(flatten)]
+        target: remote::ApiTarget,
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
     /// Print the JSON Schema of an app spec.
     Schema,
     /// Apply the database migrations and exit.
@@ -113,6 +134,26 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Validate { paths, output } => validate(&paths, output),
         Command::Apply(args) => apply_or_plan(&args, true),
         Command::Plan(args) => apply_or_plan(&args, false),
+        Command::Status {
+            app,
+            target,
+            output,
+        } => {
+            if let Err(e) = target.url() {
+                return config_exit(e);
+            }
+            runtime_exit(remote::status(target, app, output == Output::Json))
+        }
+        Command::Events {
+            follow,
+            target,
+            output,
+        } => {
+            if let Err(e) = target.url() {
+                return config_exit(e);
+            }
+            runtime_exit(remote::events(target, follow, output == Output::Json))
+        }
         Command::Schema => {
             println!("{}", schema_text());
             ExitCode::SUCCESS

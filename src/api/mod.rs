@@ -1,6 +1,10 @@
-//! The HTTP API (DESIGN §5). For now: `GET /healthz` (the process's own connections to
-//! Postgres and NATS), `GET /metrics` (Prometheus text) and `POST /v1/hooks/git` (a signed
-//! push wakes the watcher).
+//! The HTTP API (DESIGN §5): `GET /healthz` (the process's own connections to Postgres and
+//! NATS), `GET /metrics` (Prometheus text), `GET /v1/apps`, `/v1/apps/{name}`,
+//! `/v1/deployments/{id}`, `/v1/nodes`, `/v1/events` (server-sent events; `?follow` keeps
+//! the stream open with live events from NATS), `POST /v1/apps/{name}/redeploy` (bearer
+//! token) and `POST /v1/hooks/git` (a signed push wakes the watcher).
+//!
+//! Errors are JSON `{"error": ...}`; server errors are logged and answered without detail.
 //!
 //! `run` takes an already-bound listener and a shutdown token, so tests bind port 0.
 
@@ -17,6 +21,8 @@ use serde_json::json;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+pub mod views;
 
 /// What the handlers need.
 #[derive(Clone)]
@@ -37,6 +43,12 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .route("/v1/apps", get(list_apps))
+        .route("/v1/apps/{name}", get(show_app))
+        .route("/v1/apps/{name}/redeploy", axum::routing::post(redeploy))
+        .route("/v1/deployments/{id}", get(show_deployment))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/events", get(events))
         .route("/v1/hooks/git", axum::routing::post(git_hook))
         .with_state(Arc::new(state))
 }
@@ -53,6 +65,150 @@ pub async fn run(
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await?;
     Ok(())
+}
+
+/// An API error: the status and a message for the caller (server errors say nothing more).
+enum ApiError {
+    NotFound(String),
+    Unauthorized,
+    Conflict(String),
+    Internal(anyhow::Error),
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        ApiError::Internal(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> axum::response::Response {
+        let (status, message) = match self {
+            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
+            ApiError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "this call needs `Authorization: Bearer <BERTH_API_TOKEN>`".to_string(),
+            ),
+            ApiError::Conflict(m) => (StatusCode::CONFLICT, m),
+            ApiError::Internal(e) => {
+                tracing::error!(error = format!("{e:#}"), "api request failed");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error".to_string(),
+                )
+            }
+        };
+        (status, Json(json!({ "error": message }))).into_response()
+    }
+}
+
+type ApiResult = Result<Json<serde_json::Value>, ApiError>;
+
+async fn list_apps(State(state): State<Arc<ApiState>>) -> ApiResult {
+    Ok(Json(views::apps(&state.pool).await?))
+}
+
+async fn show_app(
+    State(state): State<Arc<ApiState>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> ApiResult {
+    views::app(&state.pool, &name)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no app named `{name}`")))
+}
+
+async fn show_deployment(
+    State(state): State<Arc<ApiState>>,
+    axum::extract::Path(id): axum::extract::Path<i64>,
+) -> ApiResult {
+    views::deployment(&state.pool, id, 10_000)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no deployment {id}")))
+}
+
+async fn list_nodes(State(state): State<Arc<ApiState>>) -> ApiResult {
+    Ok(Json(views::nodes(&state.pool).await?))
+}
+
+async fn redeploy(
+    State(state): State<Arc<ApiState>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    if !state
+        .api_token
+        .as_deref()
+        .is_some_and(|token| bearer_ok(token, &headers))
+    {
+        return Err(ApiError::Unauthorized);
+    }
+    match views::redeploy(&state.pool, &name).await? {
+        None => Err(ApiError::NotFound(format!(
+            "no app named `{name}` with a valid spec"
+        ))),
+        Some(Err(conflict)) => Err(ApiError::Conflict(conflict)),
+        Some(Ok(id)) => Ok((StatusCode::ACCEPTED, Json(json!({"deployment_id": id})))),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct EventsQuery {
+    /// Present (any value): keep the stream open with live events.
+    follow: Option<String>,
+    /// How many past events to send first.
+    last: Option<i64>,
+}
+
+/// `GET /v1/events`: the last events of the history, then (with `?follow`) live ones as
+/// they reach NATS, as server-sent events (`event: <table>.<op>`, `data: <payload>`).
+async fn events(
+    State(state): State<Arc<ApiState>>,
+    axum::extract::Query(query): axum::extract::Query<EventsQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use futures_util::StreamExt;
+    // Subscribed before reading the history, so nothing falls between the two.
+    let live = match query.follow {
+        Some(_) => Some(
+            state
+                .nats
+                .subscribe("*.*")
+                .await
+                .map_err(|e| ApiError::Internal(e.into()))?,
+        ),
+        None => None,
+    };
+    let past =
+        views::recent_events(&state.pool, query.last.unwrap_or(100).clamp(0, 10_000)).await?;
+    let last_id = past
+        .last()
+        .and_then(|e| e["event_id"].as_i64())
+        .unwrap_or(0);
+    let to_event = |v: &serde_json::Value| {
+        Event::default()
+            .event(format!(
+                "{}.{}",
+                v["table"].as_str().unwrap_or("?"),
+                v["op"].as_str().unwrap_or("?")
+            ))
+            .data(v.to_string())
+    };
+    let history: Vec<Result<Event, std::convert::Infallible>> =
+        past.iter().map(|v| Ok(to_event(v))).collect();
+    let live = futures_util::stream::iter(live)
+        .flatten()
+        .filter_map(move |msg| {
+            let parsed: Option<crate::events::EventPayload> =
+                serde_json::from_slice(&msg.payload).ok();
+            let event = parsed
+                .filter(|p| p.event_id > last_id)
+                .and_then(|p| serde_json::to_value(p).ok())
+                .map(|v| Ok(to_event(&v)));
+            async move { event }
+        });
+    Ok(Sse::new(futures_util::stream::iter(history).chain(live)).keep_alive(KeepAlive::default()))
 }
 
 async fn metrics(State(state): State<Arc<ApiState>>) -> impl IntoResponse {

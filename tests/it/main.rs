@@ -5,6 +5,7 @@ mod agent;
 mod builder;
 mod cli;
 mod docker;
+mod e2e;
 mod edge;
 mod fixtures;
 mod jetstream;
