@@ -14,6 +14,7 @@
 pub mod proxy;
 pub mod routes;
 pub mod tls;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -54,6 +55,9 @@ pub struct EdgeOptions {
     /// Limits against hostile clients (hyper rejects what exceeds them).
     pub max_header_bytes: usize,
     pub max_headers: usize,
+    /// Threads serving connections, each with its own event loop and upstream
+    /// connections (like nginx's workers): one per CPU by default.
+    pub workers: usize,
 }
 
 impl Default for EdgeOptions {
@@ -64,6 +68,9 @@ impl Default for EdgeOptions {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
             max_headers: 100,
+            workers: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
         }
     }
 }
@@ -155,7 +162,7 @@ pub async fn run(
         deps.metrics.clone(),
         shutdown.clone(),
     ));
-    tasks.spawn(serve(
+    tasks.spawn(serve_workers(
         deps.listener,
         None,
         proxy.clone(),
@@ -164,7 +171,7 @@ pub async fn run(
     ));
     if let Some((listener, dir)) = deps.tls {
         let acceptor = tls::acceptor(&dir, shutdown.clone())?;
-        tasks.spawn(serve(
+        tasks.spawn(serve_workers(
             listener,
             Some(acceptor),
             proxy,
@@ -177,6 +184,56 @@ pub async fn run(
         if let Ok(Err(e)) = done {
             shutdown.cancel();
             result = Err(e);
+        }
+    }
+    result
+}
+
+/// Serves `listener` on `options.workers` threads, each a single-threaded event loop
+/// accepting from the same socket: a connection, its requests and their upstream
+/// connections stay on one thread, with no hand-offs between threads (nginx's model).
+pub async fn serve_workers(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    proxy: Arc<Proxy>,
+    options: EdgeOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = listener.into_std()?;
+    let mut done = Vec::new();
+    for n in 0..options.workers.max(1) {
+        let listener = listener.try_clone()?;
+        let (tls, proxy, options, shutdown) = (
+            tls.clone(),
+            proxy.clone(),
+            options.clone(),
+            shutdown.clone(),
+        );
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("edge-{n}"))
+            .spawn(move || {
+                let result = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|runtime| {
+                        runtime.block_on(async move {
+                            upstream::set_worker(n);
+                            let listener = TcpListener::from_std(listener)?;
+                            serve(listener, tls, proxy, options, shutdown).await
+                        })
+                    });
+                let _ = tx.send(result);
+            })?;
+        done.push(rx);
+    }
+    let mut result = Ok(());
+    for rx in done {
+        match rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => result = Err(e),
+            Err(_) => result = Err(anyhow::anyhow!("an edge worker thread died")),
         }
     }
     result

@@ -18,9 +18,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Version};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 
 use super::routes::{Endpoint, RouteTable, normalize_host};
 use crate::metrics::Histogram;
@@ -50,7 +48,6 @@ impl Default for UpstreamTimeouts {
 /// What every request needs.
 pub struct Proxy {
     pub table: Arc<RouteTable>,
-    client: Client<HttpConnector, Body>,
     timeouts: UpstreamTimeouts,
     latency: Arc<Histogram>,
 }
@@ -61,17 +58,8 @@ impl Proxy {
         timeouts: UpstreamTimeouts,
         latency: Arc<Histogram>,
     ) -> Proxy {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(timeouts.connect));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(timeouts.idle)
-            .pool_max_idle_per_host(1024)
-            .pool_timer(hyper_util::rt::TokioTimer::new())
-            .build(connector);
         Proxy {
             table,
-            client,
             timeouts,
             latency,
         }
@@ -101,8 +89,8 @@ impl Proxy {
         let path = req
             .uri()
             .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".into());
+            .cloned()
+            .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
         let Some(route) = self.table.get(&host) else {
             let response = page(StatusCode::NOT_FOUND, "no app answers to this host");
             access_log(&host, &method, &path, response.status(), None, started);
@@ -132,10 +120,7 @@ impl Proxy {
             };
             let mut request = Request::new(outgoing_body);
             *request.method_mut() = method.clone();
-            *request.uri_mut() = match format!("http://{}{path}", endpoint.addr).parse() {
-                Ok(u) => u,
-                Err(_) => return Ok(page(StatusCode::BAD_REQUEST, "malformed request target")),
-            };
+            *request.uri_mut() = hyper::Uri::from(path.clone());
             *request.version_mut() = Version::HTTP_11;
             *request.headers_mut() = if attempt == 0 && retriable {
                 parts.headers.clone()
@@ -143,9 +128,16 @@ impl Proxy {
                 std::mem::take(&mut parts.headers)
             };
             let guard = InFlight::new(endpoint.clone());
-            let sent =
-                tokio::time::timeout(self.timeouts.response_headers, self.client.request(request))
-                    .await;
+            let sent = tokio::time::timeout(
+                self.timeouts.response_headers,
+                super::upstream::send(
+                    &endpoint,
+                    request,
+                    self.timeouts.connect,
+                    self.timeouts.idle,
+                ),
+            )
+            .await;
             match sent {
                 Ok(Ok(mut response)) => {
                     let status = response.status();
@@ -154,6 +146,7 @@ impl Proxy {
                     if status == StatusCode::SWITCHING_PROTOCOLS
                         && let Some(client_upgrade) = client_upgrade
                     {
+                        response.body_mut().keep_connection_out();
                         let upstream_upgrade = hyper::upgrade::on(&mut response);
                         tokio::spawn(async move {
                             let _guard = guard;
@@ -186,7 +179,7 @@ impl Proxy {
                 Ok(Err(e)) => {
                     metrics.upstream_errors.inc();
                     drop(guard);
-                    let connect = e.is_connect();
+                    let connect = matches!(e, super::upstream::SendError::Connect(_));
                     if connect {
                         self.table.eject(&endpoint);
                     }
@@ -253,7 +246,7 @@ impl Drop for InFlight {
 fn access_log(
     host: &str,
     method: &Method,
-    path: &str,
+    path: &hyper::http::uri::PathAndQuery,
     status: StatusCode,
     upstream: Option<SocketAddr>,
     started: Instant,
@@ -262,7 +255,7 @@ fn access_log(
         target: "berth::access",
         host,
         method = %method,
-        path,
+        path = path.as_str(),
         status = status.as_u16(),
         upstream = upstream.map(|u| u.to_string()).unwrap_or_default(),
         duration_ms = started.elapsed().as_secs_f64() * 1e3,

@@ -26,6 +26,8 @@ pub struct Endpoint {
     pub outstanding: AtomicUsize,
     /// Until when (ms since the table's epoch) it is skipped after a connect error.
     ejected_until: AtomicU64,
+    /// Idle keep-alive connections to it.
+    pub pool: super::upstream::Pool,
 }
 
 /// The routes of one hostname.
@@ -286,6 +288,7 @@ impl Endpoint {
             addr,
             outstanding: AtomicUsize::new(0),
             ejected_until: AtomicU64::new(0),
+            pool: Default::default(),
         }
     }
 }

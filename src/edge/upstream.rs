@@ -1,0 +1,224 @@
+//! Connections to an endpoint: a pool of idle keep-alive HTTP/1.1 connections per endpoint
+//! (hyper's `client::conn`), taken for one request and given back when its response body
+//! has been read to the end.
+//!
+//! Why not hyper-util's pooled client: it keys its pool by URI on every request and spawns
+//! a task per response to watch the connection; here the pool hangs off the endpoint the
+//! request already chose, and a connection goes back to it from the response body's end.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+
+use super::proxy::Body;
+use super::routes::Endpoint;
+
+/// Idle connections kept per endpoint.
+const MAX_IDLE: usize = 512;
+
+thread_local! {
+    /// Which edge worker thread this is: each has its own idle connections, so a request
+    /// and its upstream connection are driven by the same thread.
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the current thread as edge worker `n`.
+pub fn set_worker(n: usize) {
+    WORKER.with(|w| w.set(n));
+}
+
+/// Slots per pool: one per possible worker (the workers are as many as the CPUs).
+fn slots() -> usize {
+    static SLOTS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SLOTS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    })
+}
+
+type Idle = Vec<(http1::SendRequest<Body>, Instant)>;
+
+/// The idle connections of one endpoint, per worker thread.
+pub struct Pool {
+    idle: Box<[Mutex<Idle>]>,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool {
+            idle: (0..slots()).map(|_| Mutex::new(Vec::new())).collect(),
+        }
+    }
+}
+
+impl Pool {
+    fn mine(&self) -> &Mutex<Idle> {
+        &self.idle[WORKER.with(|w| w.get()) % self.idle.len()]
+    }
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n: usize = self
+            .idle
+            .iter()
+            .map(|i| i.lock().map(|i| i.len()).unwrap_or(0))
+            .sum();
+        write!(f, "Pool {{ idle: {n} }}")
+    }
+}
+
+/// Why a request to an endpoint failed.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection could be made: nothing reached the app.
+    Connect(String),
+    /// The request went out (at least partly) and no response came.
+    Failed(String),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Connect(e) => write!(f, "connect: {e}"),
+            SendError::Failed(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Sends `req` to `endpoint` on an idle connection, or a new one.
+pub async fn send(
+    endpoint: &Arc<Endpoint>,
+    mut req: Request<Body>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+) -> Result<Response<PooledBody>, SendError> {
+    loop {
+        let idle = endpoint.pool.mine().lock().expect("pool lock").pop();
+        let Some((mut sender, since)) = idle else {
+            break;
+        };
+        if since.elapsed() > idle_timeout || sender.is_closed() {
+            continue;
+        }
+        if sender.ready().await.is_err() {
+            continue;
+        }
+        match sender.try_send_request(req).await {
+            Ok(response) => return Ok(pooled(response, sender, endpoint)),
+            Err(mut e) => match e.take_message() {
+                // The connection closed before the request was written: another one.
+                Some(unsent) => req = unsent,
+                None => return Err(SendError::Failed(e.into_error().to_string())),
+            },
+        }
+    }
+    let stream = match tokio::time::timeout(
+        connect_timeout,
+        tokio::net::TcpStream::connect(endpoint.addr),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(SendError::Connect(e.to_string())),
+        Err(_) => {
+            return Err(SendError::Connect(format!(
+                "no answer within {connect_timeout:?}"
+            )));
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| SendError::Connect(e.to_string()))?;
+    tokio::spawn(async move {
+        // Upgrades (WebSocket) take the connection over; otherwise it ends when closed.
+        let _ = conn.with_upgrades().await;
+    });
+    match sender.try_send_request(req).await {
+        Ok(response) => Ok(pooled(response, sender, endpoint)),
+        Err(mut e) => Err(match e.take_message() {
+            Some(_) => SendError::Connect(e.into_error().to_string()),
+            None => SendError::Failed(e.into_error().to_string()),
+        }),
+    }
+}
+
+fn pooled(
+    response: Response<Incoming>,
+    sender: http1::SendRequest<Body>,
+    endpoint: &Arc<Endpoint>,
+) -> Response<PooledBody> {
+    response.map(|inner| PooledBody {
+        inner,
+        back: Some((sender, Arc::downgrade(endpoint))),
+    })
+}
+
+/// A response body that gives its connection back to the endpoint's pool once read to
+/// the end (a body dropped before its end takes the connection with it).
+pub struct PooledBody {
+    inner: Incoming,
+    back: Option<(http1::SendRequest<Body>, Weak<Endpoint>)>,
+}
+
+impl PooledBody {
+    fn give_back(&mut self) {
+        if let Some((sender, endpoint)) = self.back.take()
+            && let Some(endpoint) = endpoint.upgrade()
+        {
+            let mut idle = endpoint.pool.mine().lock().expect("pool lock");
+            if idle.len() < MAX_IDLE {
+                idle.push((sender, Instant::now()));
+            }
+        }
+    }
+
+    /// A 101 response's connection belongs to the upgrade, never to the pool.
+    pub fn keep_connection_out(&mut self) {
+        self.back = None;
+    }
+}
+
+impl HttpBody for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.give_back(),
+            Poll::Ready(Some(Err(_))) => self.back = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // An empty body (HEAD, 204, 304) may never be polled.
+        if self.inner.is_end_stream() {
+            self.give_back();
+        }
+    }
+}
