@@ -112,7 +112,7 @@ impl Drop for Installation {
         // Containers first (they hold the images), then the images.
         let ids = Command::new("docker")
             .args(["ps", "-aq", "--filter"])
-            .arg(format!("label=berth.node={}", self.node))
+            .arg(format!("name=^/{}", self.docker.prefix))
             .output();
         if let Ok(out) = ids {
             let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
@@ -441,4 +441,75 @@ async fn berth_up_killed_mid_rollout_converges_when_it_comes_back_without_duplic
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 2, "{names:?}");
+}
+
+#[tokio::test]
+async fn two_agents_in_two_processes_share_the_replicas_and_the_edge_routes_to_both() {
+    let it = Installation::new().await;
+    let specs = tempfile::tempdir().unwrap();
+    let _up = it.up(&[("BERTH_SPECS", specs.path().display().to_string())]);
+    // A second node: only the agent, in a process of its own, on the same Postgres and NATS.
+    let second = format!("{}-b", it.node);
+    let data_b = tempfile::tempdir().unwrap();
+    let _agent_b = ChildGuard(Some(
+        Command::new(berth_bin())
+            .args(["up", "--components", "agent"])
+            .env("BERTH_DATABASE_URL", &it.db.url)
+            .env("BERTH_NATS_URL", it.nats.url())
+            .env("BERTH_NODE_NAME", &second)
+            .env("BERTH_NODE_LABELS", "zone=b")
+            .env("BERTH_CONTAINER_PREFIX", format!("{}-", it.docker.prefix))
+            .env("BERTH_DATA_DIR", data_b.path())
+            .env("BERTH_API_LISTEN", "127.0.0.1:0")
+            .env("BERTH_LOG", "berth=warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    eventually("both nodes are ready", Duration::from_secs(30), || async {
+        let n: i64 = sqlx::query_scalar("select count(*) from nodes where state = 'ready'")
+            .fetch_one(&it.db.pool)
+            .await
+            .unwrap();
+        n == 2
+    })
+    .await;
+    write_app(specs.path(), &it.spec(2, "1"), "spread\n");
+    it.wait_for_page("spread\n", Duration::from_secs(120)).await;
+    eventually("one running instance on each node", Duration::from_secs(60), || async {
+        let per_node: Vec<(String, i64)> = sqlx::query_as(
+            "select n.name, count(*) from instances i join nodes n on n.id = i.node_id
+             where i.state = 'running' and i.desired_state = 'running' group by n.name order by n.name",
+        )
+        .fetch_all(&it.db.pool)
+        .await
+        .unwrap();
+        per_node == vec![(it.node.clone(), 1), (second.clone(), 1)]
+    })
+    .await;
+    let labels: serde_json::Value = sqlx::query_scalar("select labels from nodes where name = $1")
+        .bind(&second)
+        .fetch_one(&it.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(labels, serde_json::json!({"zone": "b"}));
+    // Each agent runs its own node's container.
+    let second_containers = Command::new("docker")
+        .args([
+            "ps",
+            "-q",
+            "--filter",
+            &format!("label=berth.node={second}"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&second_containers.stdout)
+            .lines()
+            .count(),
+        1
+    );
+    for _ in 0..10 {
+        assert_eq!(it.get().await.unwrap(), (200, "spread\n".to_string()));
+    }
 }
