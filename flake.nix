@@ -1,5 +1,4 @@
 {
-  # Minimal for now: the package and a development shell. The NixOS module comes later.
   description = "berth: a declarative deployment reconciler";
 
   inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
@@ -21,8 +20,14 @@
       });
       devShells = forAll (pkgs: {
         default = pkgs.mkShell {
-          packages = [ pkgs.cargo pkgs.rustc pkgs.postgresql pkgs.nats-server pkgs.busybox pkgs.git ];
+          packages = [ pkgs.cargo pkgs.rustc pkgs.clippy pkgs.rustfmt pkgs.postgresql pkgs.nats-server
+                       pkgs.busybox pkgs.git pkgs.openssl pkgs.wrk pkgs.nginx ];
         };
       });
+      # services.berth; the package defaults to this flake's.
+      nixosModules.default = { pkgs, lib, ... }: {
+        imports = [ ./nix/module.nix ];
+        services.berth.package = lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+      };
     };
 }

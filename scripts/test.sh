@@ -14,3 +14,5 @@ log "cargo clippy"
 cargo clippy --locked --all-targets --quiet -- -D warnings
 log "cargo test"
 cargo test --locked -- --test-threads "${BERTH_TEST_THREADS:-4}"
+log "systemd units and Nix files"
+scripts/check-ops.sh "$PWD/target/debug/berth"

@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 
-export BERTH_SPECS=${BERTH_SPECS:-examples}
+# The examples folder, unless a Git repository is the source (examples/git-source.sh).
+[ -n "${BERTH_GIT_URL:-}" ] || export BERTH_SPECS=${BERTH_SPECS:-examples}
 export BERTH_DATA_DIR=${BERTH_DATA_DIR:-.berth}
 export BERTH_EDGE_LISTEN=${BERTH_EDGE_LISTEN:-127.0.0.1:8080}
 BERTH=./target/release/berth
@@ -32,15 +33,18 @@ if [ "${1:-}" = stop ]; then
     exit 0
 fi
 
-# The example image is FROM scratch with Debian's static busybox next to its Dockerfile.
+# The example images are FROM scratch with Debian's static busybox next to their Dockerfile;
+# the image app's image is built here (no registry is needed).
 cp -u /bin/busybox examples/hello/busybox
+cp -u /bin/busybox examples/static-image/busybox
+docker build -q --network host -t berth-example/static:1 examples/static-image >/dev/null
 
 if pid=$(running_pid); then
     log "berth up is already running from $BERTH_DATA_DIR (pid $pid)"
 else
     log "building berth (release)"
     cargo build --release --locked --quiet
-    "$BERTH" validate examples/
+    [ -z "${BERTH_SPECS:-}" ] || "$BERTH" validate "$BERTH_SPECS"
     mkdir -p "$BERTH_DATA_DIR"
     log "starting berth up (log: $BERTH_DATA_DIR/berth.log)"
     setsid nohup "$BERTH" up >>"$BERTH_DATA_DIR/berth.log" 2>&1 </dev/null &
