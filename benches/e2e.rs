@@ -16,13 +16,6 @@ use futures_util::StreamExt;
 
 const CHANGES: usize = 20;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 async fn build_image(docker: &bollard::Docker, tag: &str) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     std::fs::copy("/bin/busybox", dir.path().join("busybox"))?;
@@ -111,21 +104,8 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&specs)?;
     write_spec(&specs, &image, 0)?;
 
-    let nats_port = free_port();
-    let mut nats = Command::new("nats-server")
-        .args([
-            "-a",
-            "127.0.0.1",
-            "-p",
-            &nats_port.to_string(),
-            "-js",
-            "-sd",
-        ])
-        .arg(work.path().join("nats"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let edge = free_port();
+    let (mut nats, nats_port) = common::nats_server(&work.path().join("nats"))?;
+    let edge = berth::daemon::embedded::free_port()?;
     let node = format!("bench-e2e-{}", std::process::id());
     let mut up = Command::new(env!("CARGO_BIN_EXE_berth"))
         .arg("up")
@@ -133,7 +113,10 @@ async fn main() -> anyhow::Result<()> {
         .env("BERTH_NATS_URL", format!("nats://127.0.0.1:{nats_port}"))
         .env("BERTH_SPECS", &specs)
         .env("BERTH_EDGE_LISTEN", format!("127.0.0.1:{edge}"))
-        .env("BERTH_API_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env(
+            "BERTH_API_LISTEN",
+            format!("127.0.0.1:{}", berth::daemon::embedded::free_port()?),
+        )
         .env("BERTH_NODE_NAME", &node)
         .env("BERTH_CONTAINER_PREFIX", &prefix)
         .env("BERTH_DATA_DIR", work.path().join("data"))

@@ -41,3 +41,18 @@ impl BenchDb {
         Ok(())
     }
 }
+
+/// A private nats-server with JetStream on a free loopback port, storing under `dir`.
+#[allow(dead_code)] // each bench compiles this module on its own; not all use it
+pub fn nats_server(dir: &std::path::Path) -> anyhow::Result<(std::process::Child, u16)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let child = std::process::Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    Ok((child, port))
+}

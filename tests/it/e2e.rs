@@ -66,6 +66,52 @@ impl Installation {
         ChildGuard(Some(command.spawn().unwrap()))
     }
 
+    /// `berth up --components agent` for another node, as a process of its own.
+    fn second_agent(&self, node: &str, data: &Path) -> ChildGuard {
+        ChildGuard(Some(
+            Command::new(berth_bin())
+                .args(["up", "--components", "agent"])
+                .env("BERTH_DATABASE_URL", &self.db.url)
+                .env("BERTH_NATS_URL", self.nats.url())
+                .env("BERTH_NODE_NAME", node)
+                .env("BERTH_NODE_LABELS", "zone=b")
+                .env("BERTH_CONTAINER_PREFIX", format!("{}-", self.docker.prefix))
+                .env("BERTH_DATA_DIR", data)
+                .env("BERTH_API_LISTEN", "127.0.0.1:0")
+                .env("BERTH_LOG", "berth=warn")
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        ))
+    }
+
+    async fn wait_ready_nodes(&self, n: i64) {
+        eventually(
+            &format!("{n} nodes ready"),
+            Duration::from_secs(30),
+            || async {
+                let ready: i64 =
+                    sqlx::query_scalar("select count(*) from nodes where state = 'ready'")
+                        .fetch_one(&self.db.pool)
+                        .await
+                        .unwrap();
+                ready == n
+            },
+        )
+        .await;
+    }
+
+    /// Running, wanted instances per node name.
+    async fn running_per_node(&self) -> Vec<(String, i64)> {
+        sqlx::query_as(
+            "select n.name, count(*) from instances i join nodes n on n.id = i.node_id
+             where i.state = 'running' and i.desired_state = 'running' group by n.name order by n.name",
+        )
+        .fetch_all(&self.db.pool)
+        .await
+        .unwrap()
+    }
+
     fn host(&self) -> String {
         format!("{}.localhost", self.app)
     }
@@ -451,41 +497,15 @@ async fn two_agents_in_two_processes_share_the_replicas_and_the_edge_routes_to_b
     // A second node: only the agent, in a process of its own, on the same Postgres and NATS.
     let second = format!("{}-b", it.node);
     let data_b = tempfile::tempdir().unwrap();
-    let _agent_b = ChildGuard(Some(
-        Command::new(berth_bin())
-            .args(["up", "--components", "agent"])
-            .env("BERTH_DATABASE_URL", &it.db.url)
-            .env("BERTH_NATS_URL", it.nats.url())
-            .env("BERTH_NODE_NAME", &second)
-            .env("BERTH_NODE_LABELS", "zone=b")
-            .env("BERTH_CONTAINER_PREFIX", format!("{}-", it.docker.prefix))
-            .env("BERTH_DATA_DIR", data_b.path())
-            .env("BERTH_API_LISTEN", "127.0.0.1:0")
-            .env("BERTH_LOG", "berth=warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    ));
-    eventually("both nodes are ready", Duration::from_secs(30), || async {
-        let n: i64 = sqlx::query_scalar("select count(*) from nodes where state = 'ready'")
-            .fetch_one(&it.db.pool)
-            .await
-            .unwrap();
-        n == 2
-    })
-    .await;
+    let _agent_b = it.second_agent(&second, data_b.path());
+    it.wait_ready_nodes(2).await;
     write_app(specs.path(), &it.spec(2, "1"), "spread\n");
     it.wait_for_page("spread\n", Duration::from_secs(120)).await;
-    eventually("one running instance on each node", Duration::from_secs(60), || async {
-        let per_node: Vec<(String, i64)> = sqlx::query_as(
-            "select n.name, count(*) from instances i join nodes n on n.id = i.node_id
-             where i.state = 'running' and i.desired_state = 'running' group by n.name order by n.name",
-        )
-        .fetch_all(&it.db.pool)
-        .await
-        .unwrap();
-        per_node == vec![(it.node.clone(), 1), (second.clone(), 1)]
-    })
+    eventually(
+        "one running instance on each node",
+        Duration::from_secs(60),
+        || async { it.running_per_node().await == vec![(it.node.clone(), 1), (second.clone(), 1)] },
+    )
     .await;
     let labels: serde_json::Value = sqlx::query_scalar("select labels from nodes where name = $1")
         .bind(&second)
@@ -512,4 +532,116 @@ async fn two_agents_in_two_processes_share_the_replicas_and_the_edge_routes_to_b
     for _ in 0..10 {
         assert_eq!(it.get().await.unwrap(), (200, "spread\n".to_string()));
     }
+}
+
+#[tokio::test]
+async fn a_crashing_app_ends_in_crash_loop_with_its_exit_code_and_last_lines() {
+    let it = Installation::new().await;
+    let specs = tempfile::tempdir().unwrap();
+    let _up = it.up(&[("BERTH_SPECS", specs.path().display().to_string())]);
+    let spec = it.spec(1, "1").replace(
+        "replicas: 1\n",
+        "replicas: 1\ncommand: [\"/bin/busybox\", \"sh\", \"-c\", \"echo cannot open the database; exit 4\"]\n",
+    );
+    write_app(specs.path(), &spec, "never served\n");
+    eventually(
+        "the app is in CrashLoop",
+        Duration::from_secs(120),
+        || async {
+            let status: Option<serde_json::Value> =
+                sqlx::query_scalar("select status from apps where name = $1")
+                    .bind(&it.app)
+                    .fetch_optional(&it.db.pool)
+                    .await
+                    .unwrap();
+            status.is_some_and(|s| s["reason"] == "CrashLoop")
+        },
+    )
+    .await;
+    let status: serde_json::Value = sqlx::query_scalar("select status from apps where name = $1")
+        .bind(&it.app)
+        .fetch_one(&it.db.pool)
+        .await
+        .unwrap();
+    let message = status["message"].as_str().unwrap();
+    assert!(message.contains("exited with code 4"), "{message}");
+    assert!(message.contains("cannot open the database"), "{message}");
+    assert_eq!(status["ready"], false);
+    assert_eq!(
+        it.get().await.unwrap().0,
+        503,
+        "nothing healthy to route to"
+    );
+}
+
+#[tokio::test]
+async fn a_lost_node_has_its_instances_replaced_and_its_stale_containers_stopped_when_it_returns() {
+    let it = Installation::new().await;
+    let specs = tempfile::tempdir().unwrap();
+    let _up = it.up(&[("BERTH_SPECS", specs.path().display().to_string())]);
+    let second = format!("{}-b", it.node);
+    let data_b = tempfile::tempdir().unwrap();
+    let mut agent_b = it.second_agent(&second, data_b.path());
+    it.wait_ready_nodes(2).await;
+    write_app(specs.path(), &it.spec(2, "1"), "still here\n");
+    eventually(
+        "one running instance on each node",
+        Duration::from_secs(120),
+        || async { it.running_per_node().await == vec![(it.node.clone(), 1), (second.clone(), 1)] },
+    )
+    .await;
+
+    // The second node goes silent (its agent killed; its container runs on, unsupervised).
+    agent_b.kill();
+    eventually(
+        "the node is down and its instance replaced on the first",
+        Duration::from_secs(60),
+        || async {
+            let state: String = sqlx::query_scalar("select state from nodes where name = $1")
+                .bind(&second)
+                .fetch_one(&it.db.pool)
+                .await
+                .unwrap();
+            state == "down" && it.running_per_node().await == vec![(it.node.clone(), 2)]
+        },
+    )
+    .await;
+    let lost: i64 = sqlx::query_scalar(
+        "select count(*) from instances where state = 'lost' and desired_state = 'stopped'",
+    )
+    .fetch_one(&it.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(lost, 1);
+    assert_eq!(it.get().await.unwrap(), (200, "still here\n".to_string()));
+
+    // It comes back: ready again, and its stale container is stopped and removed.
+    let _agent_b = it.second_agent(&second, data_b.path());
+    it.wait_ready_nodes(2).await;
+    eventually(
+        "the stale container is gone",
+        Duration::from_secs(60),
+        || async {
+            let out = Command::new("docker")
+                .args([
+                    "ps",
+                    "-aq",
+                    "--filter",
+                    &format!("label=berth.node={second}"),
+                ])
+                .output()
+                .unwrap();
+            out.stdout.is_empty()
+        },
+    )
+    .await;
+    let stale_state: String = sqlx::query_scalar(
+        "select i.state from instances i join nodes n on n.id = i.node_id where n.name = $1",
+    )
+    .bind(&second)
+    .fetch_one(&it.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(stale_state, "stopped");
+    assert_eq!(it.running_per_node().await, vec![(it.node.clone(), 2)]);
 }
