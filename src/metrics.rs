@@ -43,7 +43,9 @@ const BOUNDS: [f64; 14] = [
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 15.0, 60.0,
 ];
 
-/// A latency histogram in seconds.
+/// A latency histogram in seconds. Each observation counts in its own bucket only (one
+/// atomic add, not one per bound: the edge observes every request); rendering sums them
+/// into Prometheus's cumulative buckets.
 #[derive(Default)]
 pub struct Histogram {
     buckets: [AtomicU64; BOUNDS.len()],
@@ -55,10 +57,8 @@ pub struct Histogram {
 impl Histogram {
     pub fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
-        for (i, bound) in BOUNDS.iter().enumerate() {
-            if secs <= *bound {
-                self.buckets[i].fetch_add(1, Ordering::Relaxed);
-            }
+        if let Some(i) = BOUNDS.iter().position(|bound| secs <= *bound) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
         self.count.fetch_add(1, Ordering::Relaxed);
         self.sum_micros
@@ -228,13 +228,15 @@ impl Metrics {
                     let _ = writeln!(out, "{}{} {}", e.name, braces(""), g.get());
                 }
                 Metric::Histogram(h) => {
+                    let mut cumulative = 0;
                     for (i, bound) in BOUNDS.iter().enumerate() {
+                        cumulative += h.buckets[i].load(Ordering::Relaxed);
                         let _ = writeln!(
                             out,
                             "{}_bucket{} {}",
                             e.name,
                             braces(&format!("le=\"{bound}\"")),
-                            h.buckets[i].load(Ordering::Relaxed)
+                            cumulative
                         );
                     }
                     let _ = writeln!(
@@ -280,6 +282,7 @@ mod tests {
             &[("component", "manager")],
         );
         h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_millis(40));
         // The same name and labels give the same metric.
         m.counter("berth_events_published_total", "Events published.", &[])
             .inc();
@@ -301,8 +304,15 @@ mod tests {
             ),
             "{text}"
         );
+        // Buckets are cumulative.
         assert!(
-            text.contains("berth_reconcile_duration_seconds_count{component=\"manager\"} 1\n"),
+            text.contains(
+                "berth_reconcile_duration_seconds_bucket{component=\"manager\",le=\"0.05\"} 2\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("berth_reconcile_duration_seconds_count{component=\"manager\"} 2\n"),
             "{text}"
         );
     }

@@ -199,10 +199,19 @@ pub async fn serve_workers(
     options: EdgeOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
     let listener = listener.into_std()?;
     let mut done = Vec::new();
     for n in 0..options.workers.max(1) {
-        let listener = listener.try_clone()?;
+        // A socket of its own per worker when the address allows it (see `bind`): shared
+        // accepts let one busy thread take most connections. Otherwise the shared socket.
+        let listener = match n {
+            0 => listener.try_clone()?,
+            _ => match reuseport_listener(addr).and_then(|l| l.into_std()) {
+                Ok(own) => own,
+                Err(_) => listener.try_clone()?,
+            },
+        };
         let (tls, proxy, options, shutdown) = (
             tls.clone(),
             proxy.clone(),
@@ -324,9 +333,21 @@ pub async fn serve(
 }
 
 /// Binds the edge's listeners (before anything starts, so a taken port fails `berth up` early).
+/// The socket has SO_REUSEPORT, so each worker can bind a socket of its own to the address
+/// and the kernel spreads new connections evenly over them.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     use anyhow::Context;
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the edge to {addr}"))
+    reuseport_listener(addr).with_context(|| format!("binding the edge to {addr}"))
+}
+
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
