@@ -61,8 +61,14 @@ pub(super) async fn supervise(
         break;
     }
     let owned = row.is_some();
+    // Orphans (no row of this node) get the default drain time.
+    let drain = row
+        .as_ref()
+        .and_then(|r| r.spec.as_ref())
+        .map(|s| s.deploy.drain_timeout.0)
+        .unwrap_or(Duration::from_secs(30));
     let Some(row) = row.filter(|_| *run.borrow()) else {
-        stop(&agent, id, owned, process, None, &logs).await;
+        stop(&agent, id, owned, process, None, drain, &logs).await;
         return;
     };
     let Some(spec) = row.spec.clone() else {
@@ -70,7 +76,7 @@ pub(super) async fn supervise(
             instance.id = id,
             "the instance has no deployment spec; stopping it"
         );
-        stop(&agent, id, true, process, None, &logs).await;
+        stop(&agent, id, true, process, None, drain, &logs).await;
         return;
     };
     let mut port = row.port.and_then(|p| u16::try_from(p).ok());
@@ -98,7 +104,7 @@ pub(super) async fn supervise(
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = wait_for_stop(&mut run) => {
-                            stop(&agent, id, true, None, port, &logs).await;
+                            stop(&agent, id, true, None, port, drain, &logs).await;
                             return;
                         }
                     }
@@ -144,7 +150,7 @@ pub(super) async fn supervise(
         let addr = probe_address(&agent.deps.node.address, port.unwrap_or(0)).await;
         match watch_health(&agent, id, &spec, addr, &mut p, &mut state, &mut run).await {
             Ended::Stop => {
-                stop(&agent, id, true, Some(p), port, &logs).await;
+                stop(&agent, id, true, Some(p), port, drain, &logs).await;
                 return;
             }
             Ended::Exited(exit) => {
@@ -243,9 +249,9 @@ async fn stop(
     owned: bool,
     process: Option<Process>,
     port: Option<u16>,
+    drain: Duration,
     logs: &LogRing,
 ) {
-    let drain = owned_drain(agent, id).await;
     if let Some(mut p) = process {
         if owned {
             mark(agent, id, "stopping", None, None).await;
@@ -276,21 +282,6 @@ async fn stop(
         }
     }
     agent.release_port(port);
-}
-
-/// The instance's drain timeout from its spec (30 s when there is no row to read).
-async fn owned_drain(agent: &Agent, id: i64) -> Duration {
-    let spec: Option<serde_json::Value> = sqlx::query_scalar(
-        "select d.spec from instances i join deployments d on d.id = i.deployment_id where i.id = $1",
-    )
-    .bind(id)
-    .fetch_optional(&agent.deps.pool)
-    .await
-    .ok()
-    .flatten();
-    spec.and_then(|s| serde_json::from_value::<crate::spec::AppSpec>(s).ok())
-        .map(|s| s.deploy.drain_timeout.0)
-        .unwrap_or(Duration::from_secs(30))
 }
 
 /// Writes a state (and the port and runtime id when given). Failures are logged: the

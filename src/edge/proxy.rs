@@ -122,7 +122,8 @@ impl Proxy {
             *request.method_mut() = method.clone();
             *request.uri_mut() = hyper::Uri::from(path.clone());
             *request.version_mut() = Version::HTTP_11;
-            *request.headers_mut() = if attempt == 0 && retriable {
+            // Kept for a second attempt when one can come (every retry is of a bodiless request).
+            *request.headers_mut() = if attempt == 0 && bodiless {
                 parts.headers.clone()
             } else {
                 std::mem::take(&mut parts.headers)

@@ -146,6 +146,8 @@ struct World {
     edge: SocketAddr,
     /// The HTTPS listener, when started with a certificate folder.
     edge_tls: Option<SocketAddr>,
+    /// The edge's metrics.
+    metrics: Arc<berth::metrics::Metrics>,
     stop: CancellationToken,
     _listener: CancellationToken,
     node: i64,
@@ -181,11 +183,12 @@ impl World {
             None => None,
         };
         let edge_tls = tls.as_ref().map(|(l, _)| l.local_addr().unwrap());
+        let metrics = berth::metrics::Metrics::new();
         let deps = berth::edge::EdgeDeps {
             pool: db.pool.clone(),
             listener: bound,
             tls,
-            metrics: berth::metrics::Metrics::new(),
+            metrics: metrics.clone(),
             options,
         };
         tokio::spawn(berth::edge::run(deps, js, stop.clone()));
@@ -194,6 +197,7 @@ impl World {
             _nats: nats,
             edge,
             edge_tls,
+            metrics,
             stop,
             _listener: listener,
             node,
@@ -874,6 +878,71 @@ async fn tls_picks_the_certificate_by_sni_speaks_h2_and_reloads_replaced_files()
             tls_connect(tls, ca_dir.path(), "ca2", "a.test")
                 .await
                 .is_some()
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_endpoint_refusing_connections_is_retried_elsewhere_and_skipped() {
+    let world = World::new().await;
+    let alive = Backend::start("alive").await;
+    // A port nothing listens on: connections are refused, so nothing can reach an app.
+    let dead: SocketAddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let app = world.app("web", &["web.localhost"]).await;
+    world.instance(app, alive.addr, "running").await;
+    world.instance(app, dead, "running").await;
+    eventually("web is routed", Duration::from_secs(10), || async {
+        world
+            .get("web.localhost", "/")
+            .await
+            .is_some_and(|r| r.0 == 200)
+    })
+    .await;
+    for i in 0..20 {
+        let (status, body, _) = world.get("web.localhost", "/").await.unwrap();
+        assert_eq!((status, body.as_str()), (200, "alive"), "request {i}");
+    }
+    // A bodiless POST is retried too (nothing was sent), with its headers intact: sent until
+    // one of them met the dead endpoint (once its ejection ran out) and was retried.
+    let upstream_errors = || {
+        world
+            .metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix("berth_edge_upstream_errors_total{app=\"web\"} "))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = upstream_errors();
+    let stream = TcpStream::connect(world.edge).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, http_body_util::Empty<Bytes>>(TokioIo::new(
+            stream,
+        ))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let sender = tokio::sync::Mutex::new(sender);
+    eventually(
+        "a POST retried after a refused connection",
+        Duration::from_secs(20),
+        || async {
+            let req = Request::post("/headers")
+                .header("host", "web.localhost")
+                .header("x-marker", "kept")
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            let resp = sender.lock().await.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let seen =
+                String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes())
+                    .into_owned();
+            assert!(seen.contains("x-marker: kept\n"), "{seen}");
+            upstream_errors() > before
         },
     )
     .await;
