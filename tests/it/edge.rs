@@ -919,12 +919,11 @@ async fn an_endpoint_refusing_connections_is_retried_elsewhere_and_skipped() {
     };
     let before = upstream_errors();
     let stream = TcpStream::connect(world.edge).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake::<_, http_body_util::Empty<Bytes>>(TokioIo::new(
-            stream,
-        ))
-        .await
-        .unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake::<_, http_body_util::Empty<Bytes>>(
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
     tokio::spawn(conn);
     let sender = tokio::sync::Mutex::new(sender);
     eventually(
