@@ -10,40 +10,11 @@ use std::time::{Duration, Instant};
 
 use berth::agent::{Agent, AgentDeps, AgentOptions, NodeConfig};
 use berth::events::controller::Reconciler;
-use futures_util::StreamExt;
 
 const STARTS: usize = 50;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-/// A FROM scratch image with busybox httpd serving a page on $PORT.
-async fn build_image(docker: &bollard::Docker, tag: &str) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    std::fs::copy("/bin/busybox", dir.path().join("busybox"))?;
-    std::fs::create_dir_all(dir.path().join("www"))?;
-    std::fs::write(dir.path().join("www/healthz"), "ok\n")?;
-    std::fs::write(
-        dir.path().join("Dockerfile"),
-        "FROM scratch\nCOPY busybox /bin/busybox\nCOPY www /www\n\
-         CMD [\"/bin/busybox\", \"sh\", \"-c\", \"exec /bin/busybox httpd -f -p 127.0.0.1:$PORT -h /www\"]\n",
-    )?;
-    let mut tar = tar::Builder::new(Vec::new());
-    tar.append_dir_all(".", dir.path())?;
-    let options = bollard::query_parameters::BuildImageOptionsBuilder::new()
-        .t(tag)
-        .rm(true)
-        .networkmode("host")
-        .build();
-    let body = bollard::body_full(bytes::Bytes::from(tar.into_inner()?));
-    let mut stream = docker.build_image(options, None, Some(body));
-    while let Some(item) = stream.next().await {
-        if let Some(e) = item?.error_detail {
-            anyhow::bail!("build failed: {e:?}");
-        }
-    }
-    Ok(())
 }
 
 async fn state(pool: &sqlx::PgPool, id: i64) -> anyhow::Result<String> {
@@ -63,7 +34,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     let prefix = format!("berth-bench-{}-", std::process::id());
     let tag = format!("{prefix}img:1");
-    build_image(&docker, &tag).await?;
+    common::busybox_image(&docker, &tag, &[]).await?;
     let data = tempfile::tempdir()?;
     let agent = Agent::register(AgentDeps {
         pool: db.pool.clone(),

@@ -12,44 +12,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
-
 const CHANGES: usize = 20;
-
-async fn build_image(docker: &bollard::Docker, tag: &str) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    std::fs::copy("/bin/busybox", dir.path().join("busybox"))?;
-    std::fs::create_dir_all(dir.path().join("www/cgi-bin"))?;
-    std::fs::write(dir.path().join("www/healthz"), "ok\n")?;
-    let script = dir.path().join("www/cgi-bin/v");
-    std::fs::write(
-        &script,
-        "#!/bin/busybox sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n%s' \"$VERSION\"\n",
-    )?;
-    let mut perms = std::fs::metadata(&script)?.permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
-    std::fs::set_permissions(&script, perms)?;
-    std::fs::write(
-        dir.path().join("Dockerfile"),
-        "FROM scratch\nCOPY busybox /bin/busybox\nCOPY www /www\n\
-         CMD [\"/bin/busybox\", \"sh\", \"-c\", \"exec /bin/busybox httpd -f -p 127.0.0.1:$PORT -h /www\"]\n",
-    )?;
-    let mut tar = tar::Builder::new(Vec::new());
-    tar.append_dir_all(".", dir.path())?;
-    let options = bollard::query_parameters::BuildImageOptionsBuilder::new()
-        .t(tag)
-        .rm(true)
-        .networkmode("host")
-        .build();
-    let body = bollard::body_full(bytes::Bytes::from(tar.into_inner()?));
-    let mut stream = docker.build_image(options, None, Some(body));
-    while let Some(item) = stream.next().await {
-        if let Some(e) = item?.error_detail {
-            anyhow::bail!("build failed: {e:?}");
-        }
-    }
-    Ok(())
-}
 
 /// One GET of the version through the edge.
 async fn version(edge: u16) -> Option<String> {
@@ -98,7 +61,16 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     let prefix = format!("berth-bench-e2e-{}-", std::process::id());
     let image = format!("{prefix}img:1");
-    build_image(&docker, &image).await?;
+    common::busybox_image(
+        &docker,
+        &image,
+        &[(
+            "cgi-bin/v",
+            "#!/bin/busybox sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n%s' \"$VERSION\"\n",
+            true,
+        )],
+    )
+    .await?;
     let work = tempfile::tempdir()?;
     let specs = work.path().join("specs");
     std::fs::create_dir_all(&specs)?;

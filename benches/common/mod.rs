@@ -56,3 +56,47 @@ pub fn nats_server(dir: &std::path::Path) -> anyhow::Result<(std::process::Child
         .spawn()?;
     Ok((child, port))
 }
+
+/// Builds `tag`: FROM scratch with Debian's static busybox running httpd on $PORT (loopback)
+/// over `www/`, which holds `healthz` plus `files` (path, content, executable).
+#[allow(dead_code)] // each bench compiles this module on its own; not all use it
+pub async fn busybox_image(
+    docker: &bollard::Docker,
+    tag: &str,
+    files: &[(&str, &str, bool)],
+) -> anyhow::Result<()> {
+    use futures_util::StreamExt;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir()?;
+    std::fs::copy("/bin/busybox", dir.path().join("busybox"))?;
+    std::fs::create_dir_all(dir.path().join("www"))?;
+    std::fs::write(dir.path().join("www/healthz"), "ok\n")?;
+    for (path, content, executable) in files {
+        let file = dir.path().join("www").join(path);
+        std::fs::create_dir_all(file.parent().expect("a file in www"))?;
+        std::fs::write(&file, content)?;
+        if *executable {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755))?;
+        }
+    }
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        "FROM scratch\nCOPY busybox /bin/busybox\nCOPY www /www\n\
+         CMD [\"/bin/busybox\", \"sh\", \"-c\", \"exec /bin/busybox httpd -f -p 127.0.0.1:$PORT -h /www\"]\n",
+    )?;
+    let mut tar = tar::Builder::new(Vec::new());
+    tar.append_dir_all(".", dir.path())?;
+    let options = bollard::query_parameters::BuildImageOptionsBuilder::new()
+        .t(tag)
+        .rm(true)
+        .networkmode("host")
+        .build();
+    let body = bollard::body_full(bytes::Bytes::from(tar.into_inner()?));
+    let mut stream = docker.build_image(options, None, Some(body));
+    while let Some(item) = stream.next().await {
+        if let Some(e) = item?.error_detail {
+            anyhow::bail!("build failed: {e:?}");
+        }
+    }
+    Ok(())
+}

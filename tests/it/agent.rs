@@ -593,3 +593,63 @@ async fn the_agent_registers_its_node_and_heartbeats() {
     assert_eq!(state, "ready");
     assert!(capacity["memory"].as_u64().unwrap() > 0 && capacity["cpus"].as_f64().unwrap() >= 1.0);
 }
+
+#[tokio::test]
+async fn after_kill_9_the_next_agent_restarts_exec_processes_it_cannot_adopt() {
+    let world = World::new().await;
+    let www = tempfile::tempdir().unwrap();
+    std::fs::write(www.path().join("healthz"), "ok\n").unwrap();
+    let mut agent = world.agent_process();
+    let command = format!(
+        "exec {} httpd -f -p 127.0.0.1:$PORT -h {}",
+        busybox().display(),
+        www.path().display()
+    );
+    let app = world
+        .deploy(
+            "proc",
+            &format!("runtime: exec\ncommand: [\"/bin/sh\", \"-c\", {command:?}]\n{HEALTH}"),
+            None,
+        )
+        .await;
+    let id = world.instance(app).await;
+    let first = wait_state(&world.db.pool, id, "running", Duration::from_secs(30)).await;
+    let old_pid: i32 = first.runtime_id.unwrap().parse().unwrap();
+
+    agent.kill(); // SIGKILL: the process lives on, its output pipes now lead nowhere
+    let _agent = world.agent_process();
+    eventually(
+        "a new process runs the instance",
+        Duration::from_secs(30),
+        || async {
+            let r = row(&world.db.pool, id).await;
+            r.state == "running" && r.runtime_id.as_deref() != Some(old_pid.to_string().as_str())
+        },
+    )
+    .await;
+    // Stopped: gone, or a zombie waiting for init to reap it (its parent, the agent, died).
+    eventually(
+        "the old process is stopped",
+        Duration::from_secs(5),
+        || async {
+            std::fs::read_to_string(format!("/proc/{old_pid}/stat"))
+                .map(|stat| {
+                    stat.rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim_start()
+                        .starts_with('Z')
+                })
+                .unwrap_or(true)
+        },
+    )
+    .await;
+    let port = row(&world.db.pool, id).await.port.unwrap();
+    assert_eq!(
+        http_get(&format!("http://127.0.0.1:{port}/healthz"))
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+}

@@ -234,6 +234,16 @@ impl World {
         id
     }
 
+    /// Waits until `host` answers 200 through the edge.
+    async fn wait_routed(&self, host: &str) {
+        eventually(
+            &format!("{host} is routed"),
+            Duration::from_secs(10),
+            || async { self.get(host, "/").await.is_some_and(|r| r.0 == 200) },
+        )
+        .await;
+    }
+
     async fn get(&self, host: &str, path: &str) -> Option<(u16, String, hyper::HeaderMap)> {
         get(self.edge, host, path).await
     }
@@ -313,13 +323,7 @@ async fn requests_are_routed_by_host_with_404_503_and_forwarding_headers() {
     let app_b = world.app("b", &["b.localhost"]).await;
     world.instance(app_b, b.addr, "starting").await;
 
-    eventually("a is routed", Duration::from_secs(10), || async {
-        world
-            .get("a.localhost", "/")
-            .await
-            .is_some_and(|r| r.0 == 200)
-    })
-    .await;
+    world.wait_routed("a.localhost").await;
     let (status, body, _) = world.get("A.Localhost.:8080", "/").await.unwrap();
     assert_eq!(
         (status, body.as_str()),
@@ -361,13 +365,7 @@ async fn an_instance_becoming_running_is_routed_within_milliseconds_and_a_stoppe
     let two = Backend::start("two").await;
     let app = world.app("web", &["web.localhost"]).await;
     let first = world.instance(app, one.addr, "running").await;
-    eventually("web is routed", Duration::from_secs(10), || async {
-        world
-            .get("web.localhost", "/")
-            .await
-            .is_some_and(|r| r.0 == 200)
-    })
-    .await;
+    world.wait_routed("web.localhost").await;
 
     let second = world.instance(app, two.addr, "starting").await;
     let committed = Instant::now();
@@ -417,13 +415,7 @@ async fn a_rolling_replacement_under_continuous_load_fails_no_request() {
     for b in &old {
         old_ids.push(world.instance(app, b.addr, "running").await);
     }
-    eventually("web is routed", Duration::from_secs(10), || async {
-        world
-            .get("web.localhost", "/")
-            .await
-            .is_some_and(|r| r.0 == 200)
-    })
-    .await;
+    world.wait_routed("web.localhost").await;
 
     let stop_load = CancellationToken::new();
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -518,13 +510,7 @@ async fn websockets_sse_and_http2_go_through() {
     let backend = Backend::start("streams").await;
     let app = world.app("web", &["web.localhost"]).await;
     world.instance(app, backend.addr, "running").await;
-    eventually("web is routed", Duration::from_secs(10), || async {
-        world
-            .get("web.localhost", "/")
-            .await
-            .is_some_and(|r| r.0 == 200)
-    })
-    .await;
+    world.wait_routed("web.localhost").await;
 
     // An upgrade: the 101 comes back and bytes flow both ways.
     let mut ws = TcpStream::connect(world.edge).await.unwrap();
@@ -612,13 +598,7 @@ async fn malformed_and_hostile_requests_are_rejected_without_disturbing_others()
     let backend = Backend::start("fine").await;
     let app = world.app("web", &["web.localhost"]).await;
     world.instance(app, backend.addr, "running").await;
-    eventually("web is routed", Duration::from_secs(10), || async {
-        world
-            .get("web.localhost", "/")
-            .await
-            .is_some_and(|r| r.0 == 200)
-    })
-    .await;
+    world.wait_routed("web.localhost").await;
 
     // A slow client holding a half-sent request open.
     let mut slow = TcpStream::connect(world.edge).await.unwrap();
@@ -820,10 +800,7 @@ async fn tls_picks_the_certificate_by_sni_speaks_h2_and_reloads_replaced_files()
     let backend = Backend::start("secure").await;
     let app = world.app("web", &["a.test", "x.b.test"]).await;
     world.instance(app, backend.addr, "running").await;
-    eventually("web is routed", Duration::from_secs(10), || async {
-        world.get("a.test", "/").await.is_some_and(|r| r.0 == 200)
-    })
-    .await;
+    world.wait_routed("a.test").await;
 
     // The exact name, verified by the client against the name it asked for.
     let stream = tls_connect(tls, ca_dir.path(), "ca1", "a.test")
@@ -895,13 +872,7 @@ async fn an_endpoint_refusing_connections_is_retried_elsewhere_and_skipped() {
     let app = world.app("web", &["web.localhost"]).await;
     world.instance(app, alive.addr, "running").await;
     world.instance(app, dead, "running").await;
-    eventually("web is routed", Duration::from_secs(10), || async {
-        world
-            .get("web.localhost", "/")
-            .await
-            .is_some_and(|r| r.0 == 200)
-    })
-    .await;
+    world.wait_routed("web.localhost").await;
     for i in 0..20 {
         let (status, body, _) = world.get("web.localhost", "/").await.unwrap();
         assert_eq!((status, body.as_str()), (200, "alive"), "request {i}");
