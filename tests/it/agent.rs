@@ -233,6 +233,15 @@ async fn container(docker: &TestDocker, id: &str) -> Option<(bool, HashMap<Strin
     ))
 }
 
+/// A shell command running busybox httpd on $PORT over `www`, for `runtime: exec`.
+fn exec_httpd(www: &std::path::Path) -> String {
+    format!(
+        "exec {} httpd -f -p 127.0.0.1:$PORT -h {}",
+        busybox().display(),
+        www.display()
+    )
+}
+
 const HEALTH: &str = "health:\n  path: /healthz\n  interval: 200ms\n  timeout: 1s\n";
 
 #[tokio::test]
@@ -509,11 +518,7 @@ async fn the_exec_runtime_runs_busybox_httpd_as_a_process_with_the_same_behaviou
     std::fs::write(www.path().join("healthz"), "ok\n").unwrap();
     let (_stop, _agent) = world.agent().await;
 
-    let command = format!(
-        "exec {} httpd -f -p 127.0.0.1:$PORT -h {}",
-        busybox().display(),
-        www.path().display()
-    );
+    let command = exec_httpd(www.path());
     let app = world
         .deploy(
             "proc",
@@ -600,11 +605,7 @@ async fn after_kill_9_the_next_agent_restarts_exec_processes_it_cannot_adopt() {
     let www = tempfile::tempdir().unwrap();
     std::fs::write(www.path().join("healthz"), "ok\n").unwrap();
     let mut agent = world.agent_process();
-    let command = format!(
-        "exec {} httpd -f -p 127.0.0.1:$PORT -h {}",
-        busybox().display(),
-        www.path().display()
-    );
+    let command = exec_httpd(www.path());
     let app = world
         .deploy(
             "proc",

@@ -15,7 +15,8 @@ use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
 use crate::fixtures::{
-    ChildGuard, TestDb, TestDocker, TestNats, berth_bin, busybox_httpd_context, eventually, unique,
+    ChildGuard, TestDb, TestDocker, TestNats, berth_bin, busybox_httpd_context, docker_remove,
+    eventually, unique,
 };
 
 /// One `berth up` with every component on the test's database, NATS and Docker prefix.
@@ -156,39 +157,10 @@ impl Installation {
 impl Drop for Installation {
     fn drop(&mut self) {
         // Containers first (they hold the images), then the images.
-        let ids = Command::new("docker")
-            .args(["ps", "-aq", "--filter"])
-            .arg(format!("name=^/{}", self.docker.prefix))
-            .output();
-        if let Ok(out) = ids {
-            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .map(str::to_string)
-                .collect();
-            if !ids.is_empty() {
-                let _ = Command::new("docker")
-                    .args(["rm", "-f"])
-                    .args(&ids)
-                    .stdout(Stdio::null())
-                    .status();
-            }
-        }
-        let out = Command::new("docker")
-            .args(["images", "-q", &format!("berth/{}", self.app)])
-            .output();
-        if let Ok(out) = out {
-            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .map(str::to_string)
-                .collect();
-            if !ids.is_empty() {
-                let _ = Command::new("docker")
-                    .args(["rmi", "-f"])
-                    .args(&ids)
-                    .stdout(Stdio::null())
-                    .status();
-            }
-        }
+        let prefix = format!("name=^/{}", self.docker.prefix);
+        docker_remove(&["ps", "-aq", "--filter", &prefix], &["rm", "-f"]);
+        let images = format!("berth/{}", self.app);
+        docker_remove(&["images", "-q", &images], &["rmi", "-f"]);
     }
 }
 

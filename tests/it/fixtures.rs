@@ -272,6 +272,25 @@ impl Drop for TestDocker {
     }
 }
 
+/// Runs `docker <list...>` and, when it printed any ids, `docker <remove...> <ids>`.
+/// Synchronous (the docker CLI), so it can run in `Drop`.
+pub fn docker_remove(list: &[&str], remove: &[&str]) {
+    let Ok(out) = Command::new("docker").args(list).output() else {
+        return;
+    };
+    let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    if !ids.is_empty() {
+        let _ = Command::new("docker")
+            .args(remove)
+            .args(&ids)
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
 /// The static busybox from Debian's busybox-static: it brings `httpd` and `sh`.
 pub fn busybox() -> PathBuf {
     for p in ["/bin/busybox", "/usr/bin/busybox"] {
