@@ -189,9 +189,10 @@ pub async fn run(
     result
 }
 
-/// Serves `listener` on `options.workers` threads, each a single-threaded event loop
-/// accepting from the same socket: a connection, its requests and their upstream
-/// connections stay on one thread, with no hand-offs between threads (nginx's model).
+/// Serves `listener` on `options.workers` threads, each a single-threaded event loop with
+/// its own SO_REUSEPORT socket (or, when the address was bound without it, the shared one):
+/// a connection, its requests and their upstream connections stay on one thread, with no
+/// hand-offs between threads (nginx's model).
 pub async fn serve_workers(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -200,6 +201,8 @@ pub async fn serve_workers(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, scheme, workers = options.workers.max(1), "edge listening");
     let listener = listener.into_std()?;
     let mut done = Vec::new();
     for n in 0..options.workers.max(1) {
@@ -272,7 +275,6 @@ pub async fn serve(
     let builder = Arc::new(builder);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let scheme = if tls.is_some() { "https" } else { "http" };
-    tracing::info!(addr = %listener.local_addr()?, scheme, "edge listening");
     loop {
         let (stream, client) = tokio::select! {
             _ = shutdown.cancelled() => break,

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fixtures::{
     ChildGuard, TestDb, TestDocker, TestNats, berth_bin, busybox, busybox_httpd_context,
-    eventually, http_get, start_listener, unique,
+    eventually, http_get, link_instance, start_listener, unique,
 };
 
 /// A world with one node: Postgres, NATS with the listener running, the Docker engine.
@@ -168,14 +168,7 @@ impl World {
         .fetch_one(&self.db.pool)
         .await
         .unwrap();
-        sqlx::query(
-            "insert into deployment_instances (deployment_id, instance_id) values ($1, $2)",
-        )
-        .bind(deployment)
-        .bind(id)
-        .execute(&self.db.pool)
-        .await
-        .unwrap();
+        link_instance(&self.db.pool, deployment, id).await;
         id
     }
 }

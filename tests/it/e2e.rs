@@ -198,14 +198,15 @@ fn write_app(dir: &Path, spec: &str, page: &str) {
     std::fs::rename(dir.join(".app.yaml.tmp"), dir.join("app.yaml")).unwrap();
 }
 
-/// Requests through the edge on keep-alive connections until stopped: (ok, failed).
+/// Requests through the edge on keep-alive connections until stopped, counting successes
+/// in `ok` as they happen: (ok, failed).
 fn load(
     port: u16,
     host: String,
     stop: CancellationToken,
+    ok: Arc<AtomicUsize>,
 ) -> tokio::task::JoinHandle<(usize, Vec<String>)> {
     tokio::spawn(async move {
-        let ok = Arc::new(AtomicUsize::new(0));
         let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut clients = Vec::new();
         for _ in 0..3 {
@@ -312,8 +313,14 @@ async fn a_dropped_spec_is_served_through_the_edge_and_an_edit_rolls_out_under_l
 
     // An edit under continuous load: a new build, a rolling update, zero failures.
     let stop = CancellationToken::new();
-    let traffic = load(it.edge, it.host(), stop.clone());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let served = Arc::new(AtomicUsize::new(0));
+    let traffic = load(it.edge, it.host(), stop.clone(), served.clone());
+    eventually(
+        "traffic flows before the edit",
+        Duration::from_secs(10),
+        || async { served.load(Ordering::Relaxed) >= 20 },
+    )
+    .await;
     write_app(specs.path(), &it.spec(2, "2"), "version 2\n");
     it.wait_for_page("version 2\n", Duration::from_secs(120))
         .await;

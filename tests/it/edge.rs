@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::fixtures::{TestDb, TestNats, eventually, start_listener};
+use crate::fixtures::{TestDb, TestNats, eventually, link_instance, start_listener};
 
 type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
@@ -223,14 +223,7 @@ impl World {
         .fetch_one(&self.db.pool)
         .await
         .unwrap();
-        sqlx::query(
-            "insert into deployment_instances (deployment_id, instance_id) values ($1, $2)",
-        )
-        .bind(deployment)
-        .bind(id)
-        .execute(&self.db.pool)
-        .await
-        .unwrap();
+        link_instance(&self.db.pool, deployment, id).await;
         id
     }
 
@@ -335,6 +328,18 @@ async fn requests_are_routed_by_host_with_404_503_and_forwarding_headers() {
     assert_eq!(status, 404);
     assert!(body.contains("no app answers to this host"), "{body}");
 
+    // Each app's routes arrive by its own events: wait until both hosts are known.
+    eventually("empty and b are known", Duration::from_secs(10), || async {
+        world
+            .get("empty.localhost", "/")
+            .await
+            .is_some_and(|r| r.0 != 404)
+            && world
+                .get("b.localhost", "/")
+                .await
+                .is_some_and(|r| r.0 != 404)
+    })
+    .await;
     let (status, _, headers) = world.get("empty.localhost", "/").await.unwrap();
     assert_eq!(status, 503);
     assert_eq!(headers["retry-after"], "1");

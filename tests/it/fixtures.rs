@@ -381,3 +381,13 @@ pub fn start_listener(
         tokio::spawn(berth::listener::run(deps, shutdown)),
     )
 }
+
+/// The contract's join row of an instance and the deployment that created it.
+pub async fn link_instance(pool: &PgPool, deployment: i64, instance: i64) {
+    sqlx::query("insert into deployment_instances (deployment_id, instance_id) values ($1, $2)")
+        .bind(deployment)
+        .bind(instance)
+        .execute(pool)
+        .await
+        .unwrap();
+}
