@@ -18,7 +18,10 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
-        .connect_with(options.application_name("berth"))
+        // berth's statements are small and frequent: compiling one with JIT (which Postgres
+        // does once a plan's estimated cost passes a threshold, e.g. on stale statistics)
+        // costs more than the statement itself.
+        .connect_with(options.application_name("berth").options([("jit", "off")]))
         .await
 }
 

@@ -4,7 +4,10 @@
 //! jittered period.
 //!
 //! A reconciler is only `reconcile(key) -> Action`, `keys_for(event)` and `list_keys()`.
-//! It is never told why it runs, so it has to read the truth (Postgres) every time.
+//! It is never told why it runs, so it has to read the truth (Postgres) every time. A
+//! reconciler may also take several ready keys at once (`batch_size`, `reconcile_batch`):
+//! the manager does, to share one transaction between apps under load. A batch never
+//! waits for keys to arrive, so a lone event is reconciled at once.
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -44,6 +47,26 @@ pub trait Reconciler: Send + Sync + 'static {
 
     /// Makes the world match the rows for `key`. Idempotent.
     fn reconcile(&self, key: &Self::Key) -> impl Future<Output = anyhow::Result<Action>> + Send;
+
+    /// How many ready keys one worker takes at once (1: no batching).
+    fn batch_size(&self) -> usize {
+        1
+    }
+
+    /// Reconciles several keys together (a reconciler may share one transaction between
+    /// them); one result per key, in the order of `keys`. By default, one after another.
+    fn reconcile_batch(
+        &self,
+        keys: &[Self::Key],
+    ) -> impl Future<Output = Vec<anyhow::Result<Action>>> + Send {
+        async move {
+            let mut results = Vec::with_capacity(keys.len());
+            for key in keys {
+                results.push(self.reconcile(key).await);
+            }
+            results
+        }
+    }
 }
 
 /// How a controller runs.
@@ -113,7 +136,7 @@ pub async fn run_workers<R: Reconciler>(
     let labels = [("component", reconciler.name())];
     let duration = metrics.histogram(
         "berth_reconcile_duration_seconds",
-        "Time one reconcile took.",
+        "Time one reconcile took (a key reconciled in a batch: the batch's time).",
         &labels,
     );
     let errors = metrics.counter(
@@ -139,36 +162,44 @@ pub async fn run_workers<R: Reconciler>(
         let (base, max) = (options.base_backoff, options.max_backoff);
         workers.spawn(async move {
             loop {
-                let key = tokio::select! {
+                let keys = tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    key = queue.next() => key,
+                    keys = queue.next_batch(reconciler.batch_size()) => keys,
                 };
                 depth.set(queue.depth() as i64);
-                let span = tracing::info_span!("reconcile", component = reconciler.name(), key = ?key);
+                let span = match keys.as_slice() {
+                    [key] => tracing::info_span!("reconcile", component = reconciler.name(), key = ?key),
+                    _ => tracing::info_span!("reconcile", component = reconciler.name(), keys = keys.len()),
+                };
                 let started = std::time::Instant::now();
-                let result = tracing::Instrument::instrument(reconciler.reconcile(&key), span).await;
-                duration.observe(started.elapsed());
-                match result {
-                    Ok(action) => {
-                        attempts.lock().expect("attempts lock").remove(&key);
-                        if let Action::RequeueAfter(d) = action {
-                            queue.add_after(key.clone(), d);
+                let results =
+                    tracing::Instrument::instrument(reconciler.reconcile_batch(&keys), span).await;
+                let took = started.elapsed();
+                for (key, result) in keys.iter().zip(results) {
+                    // A key reconciled in a batch waited for the whole batch.
+                    duration.observe(took);
+                    match result {
+                        Ok(action) => {
+                            attempts.lock().expect("attempts lock").remove(key);
+                            if let Action::RequeueAfter(d) = action {
+                                queue.add_after(key.clone(), d);
+                            }
+                        }
+                        Err(e) => {
+                            errors.inc();
+                            let attempt = {
+                                let mut a = attempts.lock().expect("attempts lock");
+                                let n = a.entry(key.clone()).or_insert(0);
+                                *n += 1;
+                                *n
+                            };
+                            let delay = backoff(attempt, base, max);
+                            tracing::warn!(component = reconciler.name(), key = ?key, attempt, retry_in = ?delay, error = format!("{e:#}"), "reconcile failed");
+                            queue.add_after(key.clone(), delay);
                         }
                     }
-                    Err(e) => {
-                        errors.inc();
-                        let attempt = {
-                            let mut a = attempts.lock().expect("attempts lock");
-                            let n = a.entry(key.clone()).or_insert(0);
-                            *n += 1;
-                            *n
-                        };
-                        let delay = backoff(attempt, base, max);
-                        tracing::warn!(component = reconciler.name(), key = ?key, attempt, retry_in = ?delay, error = format!("{e:#}"), "reconcile failed");
-                        queue.add_after(key.clone(), delay);
-                    }
+                    queue.done(key);
                 }
-                queue.done(&key);
             }
         });
     }

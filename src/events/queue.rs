@@ -127,20 +127,31 @@ impl<K: Clone + Eq + Hash> WorkQueue<K> {
 
     /// Waits for a key that is not running, marks it running and returns it.
     pub async fn next(&self) -> K {
+        let mut batch = self.next_batch(1).await;
+        batch.pop().expect("next_batch returns at least one key")
+    }
+
+    /// Waits for at least one key that is not running, then takes up to `max` of the keys
+    /// ready now (never waiting for more), marks them running and returns them in order.
+    pub async fn next_batch(&self, max: usize) -> Vec<K> {
         loop {
             let notified = self.wake.notified();
             let next_due = {
                 let mut s = self.state.lock().expect("queue lock");
                 let next_due = Self::promote(&mut s);
-                if let Some(key) = s.ready.pop_front() {
-                    s.ready_set.remove(&key);
-                    s.running.insert(key.clone());
+                if !s.ready.is_empty() {
+                    let n = s.ready.len().min(max.max(1));
+                    let batch: Vec<K> = s.ready.drain(..n).collect();
+                    for key in &batch {
+                        s.ready_set.remove(key);
+                        s.running.insert(key.clone());
+                    }
                     let more = !s.ready.is_empty();
                     drop(s);
                     if more {
                         self.wake.notify_one();
                     }
-                    return key;
+                    return batch;
                 }
                 next_due
             };
@@ -176,5 +187,27 @@ impl<K: Clone + Eq + Hash> WorkQueue<K> {
     /// Whether `key` is being reconciled now.
     pub fn is_running(&self, key: &K) -> bool {
         self.state.lock().expect("queue lock").running.contains(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_batch_takes_what_is_ready_and_never_a_running_key() {
+        let q = WorkQueue::new();
+        for k in 1..=6 {
+            q.add(k);
+        }
+        assert_eq!(q.next_batch(4).await, vec![1, 2, 3, 4]);
+        // Added again while running: kept for later, not handed out twice.
+        q.add(2);
+        assert_eq!(q.next_batch(4).await, vec![5, 6]);
+        q.done(&2);
+        assert_eq!(q.next_batch(4).await, vec![2]);
+        // A batch never waits to fill up.
+        q.add(7);
+        assert_eq!(q.next_batch(64).await, vec![7]);
     }
 }

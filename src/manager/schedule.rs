@@ -5,8 +5,8 @@
 //! request). Among those, an app's replicas spread across nodes first, then the least
 //! loaded node wins. When none qualifies, the answer says why each node was refused.
 //!
-//! Node rows (state, capacity) are read fresh for every placement: they are few. What the
-//! wanted instances use per node comes from a cache the leading manager keeps (like
+//! Node rows (state, capacity) are read fresh for every batch of reconciles: they are few.
+//! What the wanted instances use per node comes from a cache the leading manager keeps (like
 //! kube-scheduler's): rebuilt from the rows when older than [`CACHE_TTL`], and updated at
 //! once by each placement it makes. Instances stopped meanwhile are still counted until the
 //! next rebuild, so the cache errs towards full nodes, never towards overcommit.
@@ -15,30 +15,26 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use sqlx::{PgConnection, Row};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, MutexGuard};
 
 use super::Deployment;
 
 /// How long a snapshot of node loads is trusted.
 pub const CACHE_TTL: Duration = Duration::from_secs(2);
 
-struct NodeLoad {
+/// A node as read for one batch, with what its wanted instances use.
+pub struct NodeLoad {
     id: i64,
     name: String,
     address: String,
     state: String,
     cap_memory: Option<f64>,
     cap_cpus: Option<f64>,
-    used_memory: f64,
-    used_cpus: f64,
-    instances: i64,
-    /// Wanted instances of the app being placed on this node.
-    of_app: i64,
 }
 
 /// What the wanted instances on one node use.
 #[derive(Debug, Clone, Default)]
-struct Usage {
+pub struct Usage {
     memory: f64,
     cpus: f64,
     instances: i64,
@@ -55,11 +51,8 @@ fn fmt_bytes(b: f64) -> String {
     format!("{:.0}Mi", b / (1024.0 * 1024.0))
 }
 
-async fn load_nodes(
-    tx: &mut PgConnection,
-    usage: &HashMap<i64, Usage>,
-    app_id: i64,
-) -> anyhow::Result<Vec<NodeLoad>> {
+/// The node rows, fresh: they are few, and a node that went down must not get instances.
+pub async fn load_nodes(tx: &mut PgConnection) -> anyhow::Result<Vec<NodeLoad>> {
     Ok(sqlx::query(
         "select id, name, address, state, (capacity->>'memory')::float8 as cap_memory,
                 (capacity->>'cpus')::float8 as cap_cpus
@@ -68,21 +61,13 @@ async fn load_nodes(
     .fetch_all(&mut *tx)
     .await?
     .into_iter()
-    .map(|r| {
-        let id: i64 = r.get("id");
-        let u = usage.get(&id);
-        NodeLoad {
-            id,
-            name: r.get("name"),
-            address: r.get("address"),
-            state: r.get("state"),
-            cap_memory: r.get("cap_memory"),
-            cap_cpus: r.get("cap_cpus"),
-            used_memory: u.map_or(0.0, |u| u.memory),
-            used_cpus: u.map_or(0.0, |u| u.cpus),
-            instances: u.map_or(0, |u| u.instances),
-            of_app: u.and_then(|u| u.of_app.get(&app_id).copied()).unwrap_or(0),
-        }
+    .map(|r| NodeLoad {
+        id: r.get("id"),
+        name: r.get("name"),
+        address: r.get("address"),
+        state: r.get("state"),
+        cap_memory: r.get("cap_memory"),
+        cap_cpus: r.get("cap_cpus"),
     })
     .collect())
 }
@@ -111,14 +96,13 @@ async fn load_usage(tx: &mut PgConnection) -> anyhow::Result<HashMap<i64, Usage>
 }
 
 impl NodeCache {
-    /// Picks nodes for `n` new instances of `deployment`, or explains why it cannot.
-    pub async fn place(
-        &self,
+    /// Takes the cache for one batch's decisions (rebuilding a stale snapshot from `tx`).
+    /// Batches decide one after another; their reads and writes still overlap.
+    pub async fn placer<'a>(
+        &'a self,
         tx: &mut PgConnection,
-        app_id: i64,
-        deployment: &Deployment,
-        n: usize,
-    ) -> anyhow::Result<Result<Vec<(i64, String)>, String>> {
+        nodes: Vec<NodeLoad>,
+    ) -> anyhow::Result<Placer<'a>> {
         let mut guard = self.snapshot.lock().await;
         let fresh = guard
             .as_ref()
@@ -126,8 +110,40 @@ impl NodeCache {
         if !fresh {
             *guard = Some((Instant::now(), load_usage(tx).await?));
         }
-        let usage = &mut guard.as_mut().expect("loaded").1;
-        let mut nodes = load_nodes(tx, usage, app_id).await?;
+        Ok(Placer {
+            guard,
+            nodes,
+            stale: false,
+        })
+    }
+}
+
+/// Places instances for one batch: the node rows of the batch and the shared usage.
+pub struct Placer<'a> {
+    guard: MutexGuard<'a, Option<(Instant, HashMap<i64, Usage>)>>,
+    nodes: Vec<NodeLoad>,
+    /// A refusal may come from a stale snapshot: rebuild it for the next batch.
+    stale: bool,
+}
+
+impl Drop for Placer<'_> {
+    fn drop(&mut self) {
+        if self.stale {
+            *self.guard = None;
+        }
+    }
+}
+
+impl Placer<'_> {
+    /// Picks nodes for `n` new instances of `deployment` of app `app_id`, or explains why
+    /// it cannot. What it picks counts as used at once.
+    pub fn place(
+        &mut self,
+        app_id: i64,
+        deployment: &Deployment,
+        n: usize,
+    ) -> Result<Vec<(i64, String)>, String> {
+        let usage = &mut self.guard.as_mut().expect("loaded by placer()").1;
         let resources = deployment.spec.resources.as_ref();
         let want_memory = resources
             .and_then(|r| r.memory)
@@ -136,32 +152,35 @@ impl NodeCache {
         let want_cpus = resources.and_then(|r| r.cpus).unwrap_or(0.0);
         let mut placed = Vec::with_capacity(n);
         let mut refusals: HashMap<String, String> = HashMap::new();
+        let empty = Usage::default();
         for _ in 0..n {
-            let mut best: Option<usize> = None;
-            for (i, node) in nodes.iter().enumerate() {
+            // (of this app, instances, id): spread first, then the least loaded.
+            let mut best: Option<((i64, i64, i64), usize)> = None;
+            for (i, node) in self.nodes.iter().enumerate() {
+                let used = usage.get(&node.id).unwrap_or(&empty);
                 let refusal = if node.state != "ready" {
                     Some(format!("{}: {}", node.name, node.state))
                 } else if node
                     .cap_memory
-                    .is_some_and(|cap| node.used_memory + want_memory > cap)
+                    .is_some_and(|cap| used.memory + want_memory > cap)
                 {
                     let cap = node.cap_memory.unwrap_or(0.0);
                     Some(format!(
                         "{}: not enough memory (needs {}, {} of {} free)",
                         node.name,
                         fmt_bytes(want_memory),
-                        fmt_bytes((cap - node.used_memory).max(0.0)),
+                        fmt_bytes((cap - used.memory).max(0.0)),
                         fmt_bytes(cap)
                     ))
                 } else if node
                     .cap_cpus
-                    .is_some_and(|cap| node.used_cpus + want_cpus > cap + 1e-9)
+                    .is_some_and(|cap| used.cpus + want_cpus > cap + 1e-9)
                 {
                     let cap = node.cap_cpus.unwrap_or(0.0);
                     Some(format!(
                         "{}: not enough cpu (needs {want_cpus}, {:.2} of {cap} free)",
                         node.name,
-                        (cap - node.used_cpus).max(0.0)
+                        (cap - used.cpus).max(0.0)
                     ))
                 } else {
                     None
@@ -170,29 +189,28 @@ impl NodeCache {
                     refusals.insert(node.name.clone(), r);
                     continue;
                 }
-                let key = |x: &NodeLoad| (x.of_app, x.instances, x.id);
-                if best.is_none_or(|b| key(node) < key(&nodes[b])) {
-                    best = Some(i);
+                let key = (
+                    used.of_app.get(&app_id).copied().unwrap_or(0),
+                    used.instances,
+                    node.id,
+                );
+                if best.is_none_or(|(b, _)| key < b) {
+                    best = Some((key, i));
                 }
             }
-            let Some(b) = best else {
+            let Some((_, b)) = best else {
                 let mut reasons: Vec<String> = refusals.into_values().collect();
                 reasons.sort();
                 if reasons.is_empty() {
                     reasons.push("no node has registered".into());
                 }
-                // A refusal may come from a stale snapshot: rebuild it next time.
-                *guard = None;
-                return Ok(Err(format!(
+                self.stale = true;
+                return Err(format!(
                     "no node can take an instance: {}",
                     reasons.join("; ")
-                )));
+                ));
             };
-            let node = &mut nodes[b];
-            node.used_memory += want_memory;
-            node.used_cpus += want_cpus;
-            node.instances += 1;
-            node.of_app += 1;
+            let node = &self.nodes[b];
             let u = usage.entry(node.id).or_default();
             u.memory += want_memory;
             u.cpus += want_cpus;
@@ -200,6 +218,6 @@ impl NodeCache {
             *u.of_app.entry(app_id).or_insert(0) += 1;
             placed.push((node.id, node.address.clone()));
         }
-        Ok(Ok(placed))
+        Ok(placed)
     }
 }

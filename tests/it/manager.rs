@@ -585,3 +585,188 @@ async fn a_resync_skips_converged_apps_and_finds_the_rest() {
     m.reconcile(&app).await.unwrap();
     assert_eq!(m.list_keys().await.unwrap(), Vec::<i64>::new());
 }
+
+/// Wanted live and healthy instances per app, and the live ones of superseded or failed
+/// deployments (which must be none once the app settles).
+async fn counts_per_app(pool: &PgPool) -> Vec<(i64, i64, i64)> {
+    sqlx::query_as(
+        "select app_id,
+                count(*) filter (where desired_state = 'running' and state <> 'lost'),
+                count(*) filter (where desired_state = 'running' and state = 'running')
+         from instances group by app_id order by app_id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// `berth up --components manager` as a process of its own.
+fn manager_process(db: &TestDb, nats: &crate::fixtures::TestNats) -> crate::fixtures::ChildGuard {
+    let data = tempfile::tempdir().unwrap().keep();
+    crate::fixtures::ChildGuard(Some(
+        std::process::Command::new(crate::fixtures::berth_bin())
+            .args(["up", "--components", "manager"])
+            .env("BERTH_DATABASE_URL", &db.url)
+            .env("BERTH_NATS_URL", nats.url())
+            .env("BERTH_DATA_DIR", data)
+            .env("BERTH_API_LISTEN", "127.0.0.1:0")
+            .env("BERTH_LOG", "berth=warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    ))
+}
+
+#[tokio::test]
+async fn managers_killed_at_random_with_duplicated_events_never_break_the_invariants() {
+    use crate::fixtures::{TestNats, eventually, start_listener};
+    const APPS: usize = 4;
+    const REPLICAS: i64 = 3;
+    let db = TestDb::new().await;
+    let nats = TestNats::start().await;
+    let p = &db.pool;
+    node(p, "n1", serde_json::json!({})).await;
+    let client = nats.client().await;
+    let (stop_listener, listener) = start_listener(&db, client.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let write_all = |version: usize| {
+        for a in 0..APPS {
+            std::fs::write(
+                dir.path().join(format!("web{a}.yaml")),
+                format!("apiVersion: berth/v1\nkind: App\nname: web{a}\nimage: busybox:1\nreplicas: {REPLICAS}\ndeploy: {{max_surge: 1, max_unavailable: 0}}\nenv: {{V: \"{version}\"}}\n"),
+            )
+            .unwrap();
+        }
+    };
+    write_all(0);
+    apply_dir(p, dir.path(), false).await;
+    let mut managers = [manager_process(&db, &nats), manager_process(&db, &nats)];
+    // A small generator, seeded from the clock and printed, so a failure can be replayed.
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64
+        | 1;
+    eprintln!("random kills: seed {seed}");
+    let mut random = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut served = std::collections::HashSet::new();
+    let (mut kills, mut version, mut fake_event) = (0, 0, 1_000_000_000_i64);
+    for round in 0..160 {
+        if round % 40 == 20 {
+            version += 1;
+            write_all(version);
+            apply_dir(p, dir.path(), false).await;
+        }
+        if random(6) == 0 {
+            // kill -9 one of them, leader or standby, and start a new one in its place
+            let k = random(2) as usize;
+            managers[k].kill();
+            kills += 1;
+            managers[k] = manager_process(&db, &nats);
+        }
+        // Duplicated events: every app gets a repeated app.updated now and then.
+        if random(3) == 0 {
+            let ids: Vec<i64> = sqlx::query_scalar("select id from apps")
+                .fetch_all(p)
+                .await
+                .unwrap();
+            for id in ids {
+                fake_event += 1;
+                let payload = berth::events::EventPayload {
+                    event_id: fake_event,
+                    table: "app".into(),
+                    op: "updated".into(),
+                    id,
+                    app_id: Some(id),
+                    deployment_id: None,
+                    node_id: None,
+                    at: chrono::Utc::now(),
+                };
+                client
+                    .publish("app.updated", serde_json::to_vec(&payload).unwrap().into())
+                    .await
+                    .unwrap();
+            }
+        }
+        builder_step(p, false).await;
+        agent_step(p, 1 + random(3) as i64).await;
+        sqlx::query("update nodes set last_heartbeat_at = now()")
+            .execute(p)
+            .await
+            .unwrap();
+        for (app, live, healthy) in counts_per_app(p).await {
+            assert!(
+                live <= REPLICAS + 1,
+                "round {round}: app {app} has {live} live instances"
+            );
+            if served.contains(&app) {
+                assert!(
+                    healthy >= REPLICAS,
+                    "round {round}: app {app} has {healthy} healthy instances after serving"
+                );
+            } else if healthy >= REPLICAS {
+                served.insert(app);
+            }
+        }
+        let doubled: i64 =
+            sqlx::query_scalar("select count(*) - count(distinct deployment_id) from image_builds")
+                .fetch_one(p)
+                .await
+                .unwrap();
+        assert_eq!(doubled, 0, "two builds for one deployment");
+        // A pace for the simulated agents and builder, not a wait for a condition.
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    assert!(kills > 0 && version == 4);
+    // No more kills: every app settles on the last version, with nothing stale left.
+    eventually(
+        "every app ready at its generation",
+        Duration::from_secs(60),
+        || async {
+            builder_step(p, false).await;
+            agent_step(p, 3).await;
+            sqlx::query("update nodes set last_heartbeat_at = now()")
+                .execute(p)
+                .await
+                .unwrap();
+            let settled: i64 = sqlx::query_scalar(
+                "select count(*) from apps where status->>'reason' = 'Ready' and generation = observed_generation",
+            )
+            .fetch_one(p)
+            .await
+            .unwrap();
+            settled == APPS as i64
+        },
+    )
+    .await;
+    let stale: i64 = sqlx::query_scalar(
+        "select count(*) from instances i join apps a on a.id = i.app_id
+         where i.desired_state = 'running' and i.deployment_id is distinct from a.current_deployment_id",
+    )
+    .fetch_one(p)
+    .await
+    .unwrap();
+    assert_eq!(stale, 0, "instances of old deployments still wanted");
+    for (app, live, healthy) in counts_per_app(p).await {
+        assert_eq!((live, healthy), (REPLICAS, REPLICAS), "app {app}");
+    }
+    let current_generation: Vec<i64> = sqlx::query_scalar(
+        "select d.generation from apps a join deployments d on d.id = a.current_deployment_id",
+    )
+    .fetch_all(p)
+    .await
+    .unwrap();
+    assert_eq!(
+        current_generation,
+        vec![5; APPS],
+        "the latest version serves"
+    );
+    drop(managers);
+    stop_listener.cancel();
+    listener.await.unwrap().unwrap();
+}
