@@ -2,13 +2,15 @@
 # The edge against nginx (both from this machine), proxying the same backend, with wrk.
 #
 # - backend: nginx, one worker, `return 200` of a small body, on 127.0.0.1:18081;
-# - reference: nginx as a reverse proxy (keep-alive upstream pool, access log off), as many
-#   workers as the machine has cores, on 127.0.0.1:18082;
+# - reference: nginx as a reverse proxy (keep-alive upstream pool, access log off, the same
+#   forwarding headers as the edge), as many workers as the machine has cores, on 127.0.0.1:18082;
 # - edge: `berth up --components edge` (tokio: one worker thread per core; access log off by
 #   BERTH_LOG=warn, like nginx), its routes from Postgres, on 127.0.0.1:18083; the database
 #   also holds 10,000 other apps, so the edge's RSS is measured with 10,000 routes.
-# wrk runs 16, 64 and 256 connections, 2 threads, 10 s each (after a 3 s warm-up),
-# against both. Prints a table for BENCHMARKS.md.
+# wrk runs 16, 64 and 256 connections, 2 threads, 10 s each (after a 3 s warm-up), three
+# rounds in which nginx and the edge take turns; each cell is the median of its rounds (runs
+# on a shared 2-core machine move by 20% from one to the next). Prints a table for
+# BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
@@ -20,8 +22,10 @@ for tool in wrk nginx; do
     fi
 done
 DURATION=${BENCH_DURATION:-10s}
-cargo build --release --locked --quiet
-BERTH=$PWD/target/release/berth
+ROUNDS=${BENCH_ROUNDS:-3}
+# BERTH_BIN: compare another build of berth (otherwise this tree's release build).
+if [ -z "${BERTH_BIN:-}" ]; then cargo build --release --locked --quiet; fi
+BERTH=${BERTH_BIN:-$PWD/target/release/berth}
 work=$(mktemp -d /var/tmp/berth-bench-edge.XXXXXX)
 chmod 755 "$work"
 pids=()
@@ -66,6 +70,10 @@ http {
             proxy_set_header Host \$host;
             proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
             proxy_set_header X-Forwarded-Proto \$scheme;
+            # what the edge also adds to every request, so both do the same work
+            proxy_set_header X-Forwarded-Host \$host;
+            proxy_set_header Forwarded "for=\$remote_addr;host=\"\$host\";proto=\$scheme";
+            proxy_set_header X-Request-Id \$request_id;
         }
     }
 }
@@ -108,30 +116,43 @@ for i in $(seq 1 100); do
 done
 curl -sf -H 'Host: bench.localhost' http://127.0.0.1:18083/ >/dev/null || { cat "$work/edge.log"; exit 1; }
 
-run() { # url connections -> "req/s p99"
-    wrk -t2 -c"$2" -d3s -H 'Host: bench.localhost' "$1" >/dev/null 2>&1
+rss_mb() { echo $(( $(awk '/VmRSS/ {print $2}' /proc/$edge_pid/status) / 1024 )); }
+idle_rss=$(rss_mb)
+
+run() { # url connections warmup -> "req/s p99-in-ms errors"
+    [ "$3" = warm ] && wrk -t2 -c"$2" -d3s -H 'Host: bench.localhost' "$1" >/dev/null 2>&1
     local out
     out=$(wrk -t2 -c"$2" -d"$DURATION" --latency -H 'Host: bench.localhost' "$1")
     local rps p99 errors
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
     p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
-    errors=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
+    p99=$(awk -v v="$p99" 'BEGIN { if (v ~ /us$/) print substr(v,1,length(v)-2)/1000; else if (v ~ /ms$/) print substr(v,1,length(v)-2); else if (v ~ /s$/) print substr(v,1,length(v)-1)*1000; else print v }')
+    errors=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ' | tr ' ' '_')
     echo "$rps $p99 ${errors:-none}"
 }
+median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
 log "machine: $cores cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(nginx -v 2>&1); $(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2)"
-echo "| connections | nginx req/s | nginx p99 | edge req/s | edge p99 | edge/nginx req/s | edge/nginx p99 |"
-echo "|---|---|---|---|---|---|---|"
-for c in 16 64 256; do
-    read -r n_rps n_p99 n_err <<<"$(run http://127.0.0.1:18082/ "$c")"
-    read -r e_rps e_p99 e_err <<<"$(run http://127.0.0.1:18083/ "$c")"
-    ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) print substr(v,1,length(v)-2)/1000; else if (v ~ /ms$/) print substr(v,1,length(v)-2); else if (v ~ /s$/) print substr(v,1,length(v)-1)*1000; else print v }'; }
-    n_ms=$(ms "$n_p99"); e_ms=$(ms "$e_p99")
-    ratio=$(awk -v a="$e_rps" -v b="$n_rps" 'BEGIN { printf "%.2fx", a/b }')
-    pratio=$(awk -v a="$e_ms" -v b="$n_ms" 'BEGIN { printf "%.2fx", a/b }')
-    echo "| $c | $n_rps | ${n_ms} ms | $e_rps | ${e_ms} ms | $ratio | $pratio |"
-    [ "$n_err" = none ] || echo "  nginx errors: $n_err"
-    [ "$e_err" = none ] || echo "  edge errors: $e_err"
+log "each cell: the median of $ROUNDS runs of $DURATION, nginx and the edge taking turns"
+echo "| connections | nginx req/s | nginx p99 | edge req/s | edge p99 | edge/nginx req/s | edge/nginx p99 | runs (edge/nginx req/s) |"
+echo "|---|---|---|---|---|---|---|---|"
+for c in ${BENCH_CONNECTIONS:-16 64 256}; do
+    n_rps=(); n_p99=(); e_rps=(); e_p99=(); ratios=()
+    for r in $(seq 1 "$ROUNDS"); do
+        warm=$([ "$r" = 1 ] && echo warm || echo cold)
+        read -r a b n_err <<<"$(run http://127.0.0.1:18082/ "$c" "$warm")"
+        n_rps+=("$a"); n_p99+=("$b")
+        read -r x y e_err <<<"$(run http://127.0.0.1:18083/ "$c" "$warm")"
+        e_rps+=("$x"); e_p99+=("$y")
+        ratios+=("$(awk -v a="$x" -v b="$a" 'BEGIN { printf "%.2f", a/b }')")
+        [ "$n_err" = none ] || echo "  nginx errors: $n_err"
+        [ "$e_err" = none ] || echo "  edge errors: $e_err"
+    done
+    nr=$(printf '%s\n' "${n_rps[@]}" | median); np=$(printf '%s\n' "${n_p99[@]}" | median)
+    er=$(printf '%s\n' "${e_rps[@]}" | median); ep=$(printf '%s\n' "${e_p99[@]}" | median)
+    ratio=$(awk -v a="$er" -v b="$nr" 'BEGIN { printf "%.2fx", a/b }')
+    pratio=$(awk -v a="$ep" -v b="$np" 'BEGIN { printf "%.2fx", a/b }')
+    echo "| $c | $nr | $np ms | $er | $ep ms | $ratio | $pratio | ${ratios[*]} |"
 done
-rss=$(awk '/VmRSS/ {print $2}' /proc/$edge_pid/status)
-echo "edge RSS with $(psql "$DB" -Atc 'select count(*) from domains') routes, after the runs: $((rss / 1024)) MB"
+routes=$(psql "$DB" -Atc 'select count(*) from domains')
+echo "edge RSS with $routes routes: $idle_rss MB once they are loaded, $(rss_mb) MB after the runs (its upstream connections still pooled)"

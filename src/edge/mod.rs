@@ -215,9 +215,11 @@ pub async fn serve_workers(
                 Err(_) => listener.try_clone()?,
             },
         };
+        // A Proxy of its own per worker: every request clones the worker's Arc, and one
+        // shared between threads would bounce its count between cores on every request.
         let (tls, proxy, options, shutdown) = (
             tls.clone(),
-            proxy.clone(),
+            Arc::new(proxy.as_ref().clone()),
             options.clone(),
             shutdown.clone(),
         );
@@ -290,7 +292,8 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
-        let service = service_fn(move |req| proxy.clone().handle(req, client, scheme));
+        let peer = Arc::new(proxy::Peer::new(client));
+        let service = service_fn(move |req| proxy.clone().handle(req, peer.clone(), scheme));
         match &tls {
             None => {
                 let conn = builder

@@ -45,7 +45,34 @@ impl Default for UpstreamTimeouts {
     }
 }
 
+/// The client end of a connection, with what its requests' forwarding headers say about
+/// it, made once per connection rather than once per request.
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// The client's address as X-Forwarded-For gives it.
+    ip: HeaderValue,
+    /// The client's address as a Forwarded `for=` token (IPv6 quoted and bracketed).
+    forwarded_for: String,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Peer {
+        let ip = addr.ip().to_canonical();
+        let forwarded_for = if ip.is_ipv6() {
+            format!("\"[{ip}]\"")
+        } else {
+            ip.to_string()
+        };
+        Peer {
+            addr,
+            ip: HeaderValue::from_str(&ip.to_string()).expect("an address is a header value"),
+            forwarded_for,
+        }
+    }
+}
+
 /// What every request needs.
+#[derive(Clone)]
 pub struct Proxy {
     pub table: Arc<RouteTable>,
     timeouts: UpstreamTimeouts,
@@ -69,22 +96,19 @@ impl Proxy {
     pub async fn handle(
         self: Arc<Self>,
         mut req: Request<Incoming>,
-        client: SocketAddr,
+        client: Arc<Peer>,
         scheme: &'static str,
     ) -> Result<Response<Body>, Infallible> {
         let started = Instant::now();
-        let raw_host = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| {
-                req.headers()
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
-            })
-            .unwrap_or_default();
-        let host = normalize_host(&raw_host);
+        // The host as the client sent it (a cheap clone of the header's bytes), for
+        // X-Forwarded-Host and Forwarded; HTTP/2 carries it as :authority.
+        let raw_host = match req.uri().authority() {
+            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+            None => req.headers().get(header::HOST).cloned(),
+        }
+        .unwrap_or_else(|| HeaderValue::from_static(""));
+        let raw_host_str = raw_host.to_str().unwrap_or_default();
+        let host = normalize_host(raw_host_str);
         let method = req.method().clone();
         let path = req
             .uri()
@@ -105,7 +129,7 @@ impl Proxy {
         let bodiless = is_bodiless(req.headers());
         let retriable = bodiless && is_idempotent(&method);
         let (mut parts, body) = req.into_parts();
-        forwarding_headers(&mut parts.headers, client, scheme, &raw_host, upgrade);
+        forwarding_headers(&mut parts.headers, &client, scheme, &raw_host, upgrade);
         let mut body = Some(body.boxed());
         let mut tried: Option<i64> = None;
         let mut last_error = String::new();
@@ -128,15 +152,12 @@ impl Proxy {
             } else {
                 std::mem::take(&mut parts.headers)
             };
-            let guard = InFlight::new(endpoint.clone());
+            // The guard holds the picked endpoint (the request's only reference count on it).
+            let guard = InFlight::new(endpoint);
+            let endpoint = &guard.0;
             let sent = tokio::time::timeout(
                 self.timeouts.response_headers,
-                super::upstream::send(
-                    &endpoint,
-                    request,
-                    self.timeouts.connect,
-                    self.timeouts.idle,
-                ),
+                super::upstream::send(endpoint, request, self.timeouts.connect, self.timeouts.idle),
             )
             .await;
             match sent {
@@ -179,13 +200,13 @@ impl Proxy {
                 }
                 Ok(Err(e)) => {
                     metrics.upstream_errors.inc();
-                    drop(guard);
                     let connect = matches!(e, super::upstream::SendError::Connect(_));
                     if connect {
-                        self.table.eject(&endpoint);
+                        self.table.eject(endpoint);
                     }
                     last_error = format!("{e}");
                     tracing::debug!(app.name = %route.app, upstream = %endpoint.addr, error = %e, "upstream request failed");
+                    drop(guard);
                     // Nothing reached the app (connect), or nothing can be lost by asking again.
                     if attempt == 0 && (retriable || (connect && bodiless)) {
                         continue;
@@ -303,20 +324,30 @@ fn is_idempotent(method: &Method) -> bool {
 }
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Removes hop-by-hop headers, and those the Connection header names. An upgrade keeps its
 /// `Connection: upgrade` and `Upgrade`.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most messages have none: one pass over the names instead of eight removals. A header
+    // named by Connection can only be there with a Connection header.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -328,7 +359,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     if upgrade && let Some(u) = kept_upgrade {
@@ -337,54 +368,65 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// A header value made from a string without copying it again.
+fn owned_value(s: String) -> Option<HeaderValue> {
+    HeaderValue::from_maybe_shared(Bytes::from(s)).ok()
+}
+
 /// Hop-by-hop headers out; X-Forwarded-*, Forwarded and X-Request-Id in.
 fn forwarding_headers(
     headers: &mut HeaderMap,
-    client: SocketAddr,
-    scheme: &str,
-    host: &str,
+    client: &Peer,
+    scheme: &'static str,
+    host: &HeaderValue,
     upgrade: bool,
 ) {
     strip_hop_by_hop(headers, upgrade);
-    let ip = client.ip().to_canonical();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {ip}"),
-        None => ip.to_string(),
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) => owned_value(format!("{prior}, {}", client.forwarded_ip())),
+        None => Some(client.ip.clone()),
     };
-    let for_value = if ip.is_ipv6() {
-        format!("\"[{ip}]\"")
-    } else {
-        ip.to_string()
-    };
-    let forwarded_entry = format!("for={for_value};host=\"{host}\";proto={scheme}");
-    let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {forwarded_entry}"),
-        None => forwarded_entry,
-    };
-    let needs_id = !headers.contains_key("x-request-id");
-    let mut set = |name: &'static str, value: String| {
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            headers.insert(HeaderName::from_static(name), v);
-        }
-    };
-    set("x-forwarded-for", xff);
-    set("x-forwarded-proto", scheme.to_string());
-    set("x-forwarded-host", host.to_string());
-    set("forwarded", forwarded);
-    if needs_id {
-        set("x-request-id", request_id());
+    let host_str = host.to_str().unwrap_or_default();
+    let entry_len = client.forwarded_for.len() + host_str.len() + 24;
+    let prior = headers.get(header::FORWARDED).and_then(|v| v.to_str().ok());
+    let mut forwarded = String::with_capacity(entry_len + prior.map_or(0, |p| p.len() + 2));
+    if let Some(prior) = prior {
+        forwarded.push_str(prior);
+        forwarded.push_str(", ");
     }
-    if !headers.contains_key(header::HOST)
-        && let Ok(v) = HeaderValue::from_str(host)
-    {
+    forwarded.push_str("for=");
+    forwarded.push_str(&client.forwarded_for);
+    forwarded.push_str(";host=\"");
+    forwarded.push_str(host_str);
+    forwarded.push_str("\";proto=");
+    forwarded.push_str(scheme);
+    if let Some(v) = xff {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
+    headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+    if let Some(v) = owned_value(forwarded) {
+        headers.insert(header::FORWARDED, v);
+    }
+    if !headers.contains_key(&X_REQUEST_ID) {
+        headers.insert(X_REQUEST_ID.clone(), request_id());
+    }
+    if !headers.contains_key(header::HOST) {
         // An HTTP/2 request carries its host as :authority; HTTP/1.1 upstreams need Host.
-        headers.insert(header::HOST, v);
+        headers.insert(header::HOST, host.clone());
+    }
+}
+
+impl Peer {
+    /// The address as X-Forwarded-For lists it.
+    fn forwarded_ip(&self) -> &str {
+        self.ip.to_str().unwrap_or_default()
     }
 }
 
 /// 128 random bits in hex: a per-thread xorshift generator seeded from the kernel's (ids
 /// must be unique, not secret; a read of /dev/urandom per request would cost a syscall).
-fn request_id() -> String {
+fn request_id() -> HeaderValue {
     use std::cell::Cell;
     thread_local! {
         static STATE: Cell<(u64, u64)> = Cell::new(seed());
@@ -406,7 +448,15 @@ fn request_id() -> String {
         let next = x ^ y ^ (x >> 17) ^ (y >> 26);
         s.set((y, next));
         let (hi, lo) = (next.wrapping_add(y), y.rotate_left(32) ^ next);
-        format!("{hi:016x}{lo:016x}")
+        let mut hex = [0u8; 32];
+        for (i, nibble) in (0..16)
+            .map(|i| (hi >> (60 - 4 * i)) & 0xf)
+            .chain((0..16).map(|i| (lo >> (60 - 4 * i)) & 0xf))
+            .enumerate()
+        {
+            hex[i] = b"0123456789abcdef"[nibble as usize];
+        }
+        HeaderValue::from_bytes(&hex).expect("hex digits are a header value")
     })
 }
 
@@ -428,9 +478,9 @@ mod tests {
         h.insert("x-kept", HeaderValue::from_static("yes"));
         forwarding_headers(
             &mut h,
-            "127.0.0.1:5555".parse().unwrap(),
+            &Peer::new("127.0.0.1:5555".parse().unwrap()),
             "http",
-            "hello.localhost:8080",
+            &HeaderValue::from_static("hello.localhost:8080"),
             false,
         );
         assert!(h.get("connection").is_none() && h.get("x-secret-hop").is_none());
@@ -453,9 +503,9 @@ mod tests {
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         forwarding_headers(
             &mut h,
-            "[::1]:5555".parse().unwrap(),
+            &Peer::new("[::1]:5555".parse().unwrap()),
             "https",
-            "ws.example",
+            &HeaderValue::from_static("ws.example"),
             true,
         );
         assert_eq!(h["upgrade"], "websocket");

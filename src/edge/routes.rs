@@ -89,31 +89,28 @@ impl RouteTable {
     }
 
     /// The counters of a route's app.
-    pub fn metrics_of(&self, route: &Route) -> Arc<AppMetrics> {
-        route
-            .metrics
-            .get_or_init(|| {
-                let mut cache = self.app_metrics.lock().expect("app metrics lock");
-                cache
-                    .entry(route.app.clone())
-                    .or_insert_with(|| {
-                        let labels = [("app", route.app.as_str())];
-                        Arc::new(AppMetrics {
-                            requests: self.metrics.counter(
-                                "berth_edge_requests_total",
-                                "Requests the edge routed to an app.",
-                                &labels,
-                            ),
-                            upstream_errors: self.metrics.counter(
-                                "berth_edge_upstream_errors_total",
-                                "Requests to an app's instances that failed (connect, reset, timeout).",
-                                &labels,
-                            ),
-                        })
+    pub fn metrics_of<'r>(&self, route: &'r Route) -> &'r AppMetrics {
+        route.metrics.get_or_init(|| {
+            let mut cache = self.app_metrics.lock().expect("app metrics lock");
+            cache
+                .entry(route.app.clone())
+                .or_insert_with(|| {
+                    let labels = [("app", route.app.as_str())];
+                    Arc::new(AppMetrics {
+                        requests: self.metrics.counter(
+                            "berth_edge_requests_total",
+                            "Requests the edge routed to an app.",
+                            &labels,
+                        ),
+                        upstream_errors: self.metrics.counter(
+                            "berth_edge_upstream_errors_total",
+                            "Requests to an app's instances that failed (connect, reset, timeout).",
+                            &labels,
+                        ),
                     })
-                    .clone()
-            })
-            .clone()
+                })
+                .clone()
+        })
     }
 }
 
@@ -290,32 +287,36 @@ impl RouteTable {
     /// Least outstanding requests among two endpoints picked at random, skipping ejected
     /// ones (all ejected: pick among all rather than fail).
     pub fn pick(&self, route: &Route, exclude: Option<i64>) -> Option<Arc<Endpoint>> {
+        // No allocation on this path: it runs for every request.
         let now = self.now_ms();
-        let candidates: Vec<&Arc<Endpoint>> = route
-            .endpoints
-            .iter()
-            .filter(|e| Some(e.instance_id) != exclude)
-            .collect();
-        let healthy: Vec<&Arc<Endpoint>> = candidates
-            .iter()
-            .copied()
-            .filter(|e| e.ejected_until.load(Ordering::Relaxed) <= now)
-            .collect();
-        let pool = if healthy.is_empty() {
-            candidates
-        } else {
-            healthy
+        let usable = |e: &&Arc<Endpoint>, skip_ejected: bool| {
+            Some(e.instance_id) != exclude
+                && (!skip_ejected || e.ejected_until.load(Ordering::Relaxed) <= now)
         };
-        match pool.len() {
+        let healthy = route.endpoints.iter().filter(|e| usable(e, true)).count();
+        let skip_ejected = healthy > 0;
+        let n = if skip_ejected {
+            healthy
+        } else {
+            route.endpoints.iter().filter(|e| usable(e, false)).count()
+        };
+        let nth = |k: usize| {
+            route
+                .endpoints
+                .iter()
+                .filter(|e| usable(e, skip_ejected))
+                .nth(k)
+        };
+        match n {
             0 => None,
-            1 => Some(pool[0].clone()),
+            1 => nth(0).cloned(),
             n => {
                 let a = fastrand(n);
                 let mut b = fastrand(n - 1);
                 if b >= a {
                     b += 1;
                 }
-                let (ea, eb) = (pool[a], pool[b]);
+                let (ea, eb) = (nth(a)?, nth(b)?);
                 Some(
                     if eb.outstanding.load(Ordering::Relaxed)
                         < ea.outstanding.load(Ordering::Relaxed)
@@ -387,7 +388,7 @@ async fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
 }
 
 /// The route key of a Host header or URI authority: lowercase, without port or trailing dot.
-pub fn normalize_host(host: &str) -> String {
+pub fn normalize_host(host: &str) -> std::borrow::Cow<'_, str> {
     let host = host.trim();
     let without_port = if let Some(rest) = host.strip_prefix('[') {
         // [v6]:port
@@ -398,7 +399,13 @@ pub fn normalize_host(host: &str) -> String {
             _ => host,
         }
     };
-    without_port.trim_end_matches('.').to_ascii_lowercase()
+    let host = without_port.trim_end_matches('.');
+    // Hosts come lowercase nearly always: no copy then.
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(host)
+    }
 }
 
 /// A cheap random index in [0, n) (not for anything secret): a per-thread xorshift.

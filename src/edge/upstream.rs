@@ -46,22 +46,27 @@ fn slots() -> usize {
 
 type Idle = Vec<(http1::SendRequest<Body>, Instant)>;
 
+/// One worker's slot, alone on its cache lines: neighbouring slots would otherwise share
+/// one, and every lock by one worker would evict it from the other's core.
+#[repr(align(128))]
+struct Slot(Mutex<Idle>);
+
 /// The idle connections of one endpoint, per worker thread.
 pub struct Pool {
-    idle: Box<[Mutex<Idle>]>,
+    idle: Box<[Slot]>,
 }
 
 impl Default for Pool {
     fn default() -> Self {
         Pool {
-            idle: (0..slots()).map(|_| Mutex::new(Vec::new())).collect(),
+            idle: (0..slots()).map(|_| Slot(Mutex::new(Vec::new()))).collect(),
         }
     }
 }
 
 impl Pool {
     fn mine(&self) -> &Mutex<Idle> {
-        &self.idle[WORKER.with(|w| w.get()) % self.idle.len()]
+        &self.idle[WORKER.with(|w| w.get()) % self.idle.len()].0
     }
 }
 
@@ -70,7 +75,7 @@ impl std::fmt::Debug for Pool {
         let n: usize = self
             .idle
             .iter()
-            .map(|i| i.lock().map(|i| i.len()).unwrap_or(0))
+            .map(|i| i.0.lock().map(|i| i.len()).unwrap_or(0))
             .sum();
         write!(f, "Pool {{ idle: {n} }}")
     }
