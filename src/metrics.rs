@@ -45,27 +45,65 @@ const BOUNDS: [f64; 14] = [
 
 /// A latency histogram in seconds. Each observation counts in its own bucket only (one
 /// atomic add, not one per bound: the edge observes every request); rendering sums them
-/// into Prometheus's cumulative buckets.
+/// into Prometheus's cumulative buckets. The counts are kept in a few shards, each on its
+/// own cache lines, and a thread always adds to the same one: the edge's worker threads
+/// observe every request, and one shared set of counts would bounce between their cores.
 #[derive(Default)]
 pub struct Histogram {
+    shards: [Shard; SHARDS],
+}
+
+/// Shards per histogram (threads beyond this share them).
+const SHARDS: usize = 4;
+
+#[derive(Default)]
+#[repr(align(128))]
+struct Shard {
     buckets: [AtomicU64; BOUNDS.len()],
     count: AtomicU64,
     /// Sum in microseconds, to stay an integer.
     sum_micros: AtomicU64,
 }
 
+/// The shard of the calling thread: threads take shards in turn as they first observe.
+fn my_shard() -> usize {
+    use std::sync::atomic::AtomicUsize;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    SHARD.with(|s| *s)
+}
+
 impl Histogram {
     pub fn observe(&self, d: Duration) {
+        let shard = &self.shards[my_shard()];
         let secs = d.as_secs_f64();
         if let Some(i) = BOUNDS.iter().position(|bound| secs <= *bound) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            shard.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
+        shard.count.fetch_add(1, Ordering::Relaxed);
+        shard
+            .sum_micros
             .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
     pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
+        self.shards
+            .iter()
+            .map(|s| s.count.load(Ordering::Relaxed))
+            .sum()
+    }
+    fn bucket(&self, i: usize) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.buckets[i].load(Ordering::Relaxed))
+            .sum()
+    }
+    fn sum_micros(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.sum_micros.load(Ordering::Relaxed))
+            .sum()
     }
 }
 
@@ -230,7 +268,7 @@ impl Metrics {
                 Metric::Histogram(h) => {
                     let mut cumulative = 0;
                     for (i, bound) in BOUNDS.iter().enumerate() {
-                        cumulative += h.buckets[i].load(Ordering::Relaxed);
+                        cumulative += h.bucket(i);
                         let _ = writeln!(
                             out,
                             "{}_bucket{} {}",
@@ -251,7 +289,7 @@ impl Metrics {
                         "{}_sum{} {}",
                         e.name,
                         braces(""),
-                        h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+                        h.sum_micros() as f64 / 1e6
                     );
                     let _ = writeln!(out, "{}_count{} {}", e.name, braces(""), h.count());
                 }

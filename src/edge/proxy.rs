@@ -249,19 +249,27 @@ impl Proxy {
     }
 }
 
-/// Keeps an endpoint's outstanding count while a request (and its response body) is in flight.
-struct InFlight(Arc<Endpoint>);
+/// Keeps an endpoint's outstanding count (the creating worker's) while a request and its
+/// response body are in flight.
+struct InFlight(Arc<Endpoint>, usize);
 
 impl InFlight {
     fn new(endpoint: Arc<Endpoint>) -> InFlight {
-        endpoint.outstanding.fetch_add(1, Ordering::Relaxed);
-        InFlight(endpoint)
+        let slot = endpoint.pool.my_slot();
+        endpoint
+            .pool
+            .outstanding(slot)
+            .fetch_add(1, Ordering::Relaxed);
+        InFlight(endpoint, slot)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+        self.0
+            .pool
+            .outstanding(self.1)
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -23,11 +23,9 @@ use crate::metrics::{Counter, Metrics};
 pub struct Endpoint {
     pub instance_id: i64,
     pub addr: SocketAddr,
-    /// Requests in flight to it, for least-outstanding choice.
-    pub outstanding: AtomicUsize,
     /// Until when (ms since the table's epoch) it is skipped after a connect error.
     ejected_until: AtomicU64,
-    /// Idle keep-alive connections to it.
+    /// Idle keep-alive connections to it, and the requests in flight, per worker thread.
     pub pool: super::upstream::Pool,
 }
 
@@ -317,9 +315,10 @@ impl RouteTable {
                     b += 1;
                 }
                 let (ea, eb) = (nth(a)?, nth(b)?);
+                let slot = ea.pool.my_slot();
                 Some(
-                    if eb.outstanding.load(Ordering::Relaxed)
-                        < ea.outstanding.load(Ordering::Relaxed)
+                    if eb.pool.outstanding(slot).load(Ordering::Relaxed)
+                        < ea.pool.outstanding(slot).load(Ordering::Relaxed)
                     {
                         eb.clone()
                     } else {
@@ -346,7 +345,6 @@ impl Endpoint {
         Endpoint {
             instance_id,
             addr,
-            outstanding: AtomicUsize::new(0),
             ejected_until: AtomicU64::new(0),
             pool: Default::default(),
         }
@@ -454,7 +452,9 @@ mod tests {
         let table = RouteTable::new(Metrics::new());
         let a = Arc::new(Endpoint::new(1, "127.0.0.1:1".parse().unwrap()));
         let b = Arc::new(Endpoint::new(2, "127.0.0.1:2".parse().unwrap()));
-        a.outstanding.store(5, Ordering::Relaxed);
+        a.pool
+            .outstanding(a.pool.my_slot())
+            .store(5, Ordering::Relaxed);
         let route = Route {
             app_id: 1,
             app: "web".into(),

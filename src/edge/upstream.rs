@@ -7,6 +7,7 @@
 //! request already chose, and a connection goes back to it from the response body's end.
 
 use std::pin::Pin;
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -46,36 +47,56 @@ fn slots() -> usize {
 
 type Idle = Vec<(http1::SendRequest<Body>, Instant)>;
 
-/// One worker's slot, alone on its cache lines: neighbouring slots would otherwise share
-/// one, and every lock by one worker would evict it from the other's core.
+/// One worker's part of an endpoint, alone on its cache lines: neighbouring slots would
+/// otherwise share one, and every request of one worker would evict it from the other's core.
 #[repr(align(128))]
-struct Slot(Mutex<Idle>);
+struct Slot {
+    idle: Mutex<Idle>,
+    /// This worker's requests in flight to the endpoint. Each worker balances by its own
+    /// counts (as nginx's workers do without a shared zone): no count is shared between cores.
+    outstanding: AtomicUsize,
+}
 
-/// The idle connections of one endpoint, per worker thread.
+/// The idle connections of one endpoint and the requests in flight to it, per worker thread.
 pub struct Pool {
-    idle: Box<[Slot]>,
+    slots: Box<[Slot]>,
 }
 
 impl Default for Pool {
     fn default() -> Self {
         Pool {
-            idle: (0..slots()).map(|_| Slot(Mutex::new(Vec::new()))).collect(),
+            slots: (0..slots())
+                .map(|_| Slot {
+                    idle: Mutex::new(Vec::new()),
+                    outstanding: AtomicUsize::new(0),
+                })
+                .collect(),
         }
     }
 }
 
 impl Pool {
     fn mine(&self) -> &Mutex<Idle> {
-        &self.idle[WORKER.with(|w| w.get()) % self.idle.len()].0
+        &self.slots[self.my_slot()].idle
+    }
+
+    /// The slot of the calling worker thread.
+    pub fn my_slot(&self) -> usize {
+        WORKER.with(|w| w.get()) % self.slots.len()
+    }
+
+    /// Requests in flight from worker slot `slot`.
+    pub fn outstanding(&self, slot: usize) -> &AtomicUsize {
+        &self.slots[slot].outstanding
     }
 }
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let n: usize = self
-            .idle
+            .slots
             .iter()
-            .map(|i| i.0.lock().map(|i| i.len()).unwrap_or(0))
+            .map(|s| s.idle.lock().map(|i| i.len()).unwrap_or(0))
             .sum();
         write!(f, "Pool {{ idle: {n} }}")
     }
