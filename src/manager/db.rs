@@ -23,12 +23,14 @@ pub(super) struct Loaded {
     pub failed: Option<(Option<String>, bool)>,
 }
 
-/// Reads and locks the apps `ids` (in id order, so two batches never deadlock). Apps that
-/// no longer exist are absent.
+/// Reads and locks the apps `ids` (in id order, as the watcher's apply does, so no two of
+/// them deadlock). `for no key update` excludes other reconciles and the watcher's updates
+/// of these rows, while inserts that only reference them (a builder's image, the watcher's
+/// deployment) go on. Apps that no longer exist are absent.
 pub(super) async fn load(tx: &mut PgConnection, ids: &[i64]) -> anyhow::Result<Vec<Loaded>> {
     let apps = sqlx::query(
         "select id, name, generation, current_deployment_id, deleted_at is not null as deleted, spec_error, status
-         from apps where id = any($1) order by id for update",
+         from apps where id = any($1) order by id for no key update",
     )
     .bind(ids)
     .fetch_all(&mut *tx)

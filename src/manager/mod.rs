@@ -3,10 +3,11 @@
 //!
 //! One manager leads (advisory lock). It reconciles apps by id, in batches: the apps ready
 //! in the work queue at that moment (up to [`BATCH`]; one, when events come one at a time)
-//! share one transaction. It locks their rows (`for update`, in id order), so the watcher
-//! and a second manager can never interleave with it, reads everything it needs in a few
-//! set-based queries (`db.rs`), decides each app's step in memory (`decide.rs`), writes the
-//! steps back together, and commits. Each app moves one step:
+//! share one transaction. It locks their rows (`for no key update`, in id order, as the
+//! watcher's apply does), so the watcher and a second manager can never interleave with
+//! it, reads everything it needs in a few set-based queries (`db.rs`), decides each app's
+//! step in memory (`decide.rs`), writes the steps back together, and commits. Each app
+//! moves one step:
 //!
 //! 1. a pending deployment gets its image build — unless only `replicas` changed from the
 //!    current deployment: then the current deployment is scaled and the new one is closed

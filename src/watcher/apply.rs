@@ -496,6 +496,22 @@ async fn execute(
         })
         .collect();
 
+    // The existing apps this apply changes, locked in id order before any is written: the
+    // manager locks its batches of apps in id order too, so the two never deadlock (each
+    // taking rows in its own order could).
+    let touched: Vec<i64> = plan
+        .changes
+        .iter()
+        .filter(|c| c.is_change())
+        .filter_map(|c| snap.apps.get(c.name()).map(|r| r.id))
+        .collect();
+    if !touched.is_empty() {
+        sqlx::query("select id from apps where id = any($1) order by id for no key update")
+            .bind(&touched)
+            .fetch_all(&mut **tx)
+            .await?;
+    }
+
     // Domains first leave the apps that lose them, so a domain can move between two apps of
     // one apply without tripping the unique constraint.
     let releasing: Vec<i64> = plan

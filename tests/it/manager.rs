@@ -770,3 +770,80 @@ async fn managers_killed_at_random_with_duplicated_events_never_break_the_invari
     stop_listener.cancel();
     listener.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn applies_and_batched_reconciles_of_the_same_apps_never_deadlock() {
+    const APPS: usize = 30;
+    let db = TestDb::new().await;
+    let p = &db.pool;
+    node(p, "n1", serde_json::json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let write = |a: usize, version: usize| {
+        std::fs::write(
+            dir.path().join(format!("a{a:02}.yaml")),
+            format!("apiVersion: berth/v1\nkind: App\nname: a{a:02}\nimage: busybox:1\nenv: {{V: \"{version}\"}}\n"),
+        )
+        .unwrap();
+    };
+    // Created one by one from the last name to the first, so the apply's name order is the
+    // reverse of the id order the manager locks in.
+    for a in (0..APPS).rev() {
+        write(a, 0);
+        apply_dir(p, dir.path(), false).await;
+    }
+    let ids: Vec<i64> = sqlx::query_scalar("select id from apps order by id")
+        .fetch_all(p)
+        .await
+        .unwrap();
+    let m = manager(&db);
+    let done = tokio_util::sync::CancellationToken::new();
+    let reconciles = tokio::spawn({
+        let (m, ids, done) = (m.clone(), ids.clone(), done.clone());
+        async move {
+            let mut batches = 0;
+            while !done.is_cancelled() {
+                for result in m.reconcile_batch(&ids).await {
+                    result.unwrap();
+                }
+                batches += 1;
+            }
+            batches
+        }
+    });
+    for version in 1..=15 {
+        for a in 0..APPS {
+            write(a, version);
+        }
+        // A deadlock would fail the apply (Postgres aborts one of the two).
+        apply::apply(
+            p,
+            &berth::watcher::load_folder(dir.path()).unwrap(),
+            ApplyOptions::default(),
+        )
+        .await
+        .unwrap();
+        builder_step(p, false).await;
+    }
+    done.cancel();
+    assert!(reconciles.await.unwrap() > 0);
+    let generations: Vec<i64> = sqlx::query_scalar("select generation from apps")
+        .fetch_all(p)
+        .await
+        .unwrap();
+    assert!(generations.iter().all(|g| *g == 16), "{generations:?}");
+    // A batch that lost a deadlock would be retried app by app and hide it: ask Postgres.
+    // Its backends count deadlocks in their statistics, written out when they exit.
+    p.close().await;
+    let fresh = sqlx::PgPool::connect(&db.url).await.unwrap();
+    for _ in 0..20 {
+        let deadlocks: i64 = sqlx::query_scalar(
+            "select deadlocks from pg_stat_database where datname = current_database()",
+        )
+        .fetch_one(&fresh)
+        .await
+        .unwrap();
+        assert_eq!(deadlocks, 0, "Postgres saw deadlocks");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    fresh.close().await;
+}
