@@ -175,7 +175,13 @@ pub async fn run_workers<R: Reconciler>(
                 let results =
                     tracing::Instrument::instrument(reconciler.reconcile_batch(&keys), span).await;
                 let took = started.elapsed();
-                for (key, result) in keys.iter().zip(results) {
+                let mut results = results.into_iter();
+                for key in &keys {
+                    // A key without a result must not be left running (it would never run
+                    // again): it counts as failed and is retried.
+                    let result = results.next().unwrap_or_else(|| {
+                        Err(anyhow::anyhow!("the reconciler returned no result for this key"))
+                    });
                     // A key reconciled in a batch waited for the whole batch.
                     duration.observe(took);
                     match result {
@@ -566,6 +572,57 @@ mod tests {
                 .render()
                 .contains("berth_reconcile_errors_total{component=\"test\"} 6")
         );
+        shutdown.cancel();
+        workers.await.unwrap();
+    }
+
+    /// Takes keys in batches and answers for the first key of each only.
+    struct Forgetful {
+        runs: Mutex<HashMap<u32, usize>>,
+    }
+
+    impl Reconciler for Forgetful {
+        type Key = u32;
+        fn name(&self) -> &'static str {
+            "test"
+        }
+        fn keys_for(&self, _: &EventPayload) -> Vec<u32> {
+            vec![]
+        }
+        async fn list_keys(&self) -> anyhow::Result<Vec<u32>> {
+            Ok(vec![])
+        }
+        async fn reconcile(&self, key: &u32) -> anyhow::Result<Action> {
+            *self.runs.lock().unwrap().entry(*key).or_insert(0) += 1;
+            Ok(Action::Done)
+        }
+        fn batch_size(&self) -> usize {
+            8
+        }
+        async fn reconcile_batch(&self, keys: &[u32]) -> Vec<anyhow::Result<Action>> {
+            vec![self.reconcile(&keys[0]).await]
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_key_without_a_result_is_retried_not_left_running() {
+        let r = Arc::new(Forgetful {
+            runs: Mutex::new(HashMap::new()),
+        });
+        let queue = WorkQueue::new();
+        for k in 1..=3 {
+            queue.add(k);
+        }
+        let shutdown = CancellationToken::new();
+        let metrics = Metrics::new();
+        let workers = tokio::spawn({
+            let (r, q, s, m) = (r.clone(), queue.clone(), shutdown.clone(), metrics.clone());
+            async move { run_workers(r, q, &options(1), &m, s).await }
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let runs = r.runs.lock().unwrap().clone();
+        assert_eq!(runs.len(), 3, "every key ran in the end: {runs:?}");
+        assert!((1..=3).all(|k| !queue.is_running(&k)));
         shutdown.cancel();
         workers.await.unwrap();
     }
