@@ -48,7 +48,6 @@ impl Default for UpstreamTimeouts {
 /// The client end of a connection, with what its requests' forwarding headers say about
 /// it, made once per connection rather than once per request.
 pub struct Peer {
-    pub addr: SocketAddr,
     /// The client's address as X-Forwarded-For gives it.
     ip: HeaderValue,
     /// The client's address as a Forwarded `for=` token (IPv6 quoted and bracketed).
@@ -64,10 +63,14 @@ impl Peer {
             ip.to_string()
         };
         Peer {
-            addr,
             ip: HeaderValue::from_str(&ip.to_string()).expect("an address is a header value"),
             forwarded_for,
         }
+    }
+
+    /// The address as X-Forwarded-For lists it.
+    fn forwarded_ip(&self) -> &str {
+        self.ip.to_str().unwrap_or_default()
     }
 }
 
@@ -422,13 +425,6 @@ fn forwarding_headers(
     if !headers.contains_key(header::HOST) {
         // An HTTP/2 request carries its host as :authority; HTTP/1.1 upstreams need Host.
         headers.insert(header::HOST, host.clone());
-    }
-}
-
-impl Peer {
-    /// The address as X-Forwarded-For lists it.
-    fn forwarded_ip(&self) -> &str {
-        self.ip.to_str().unwrap_or_default()
     }
 }
 
