@@ -79,7 +79,7 @@ http {
 }
 EOF
 nginx -c "$work/backend.conf" -g 'daemon off;' & pids+=($!)
-nginx -c "$work/proxy.conf" -g 'daemon off;' & pids+=($!)
+nginx -c "$work/proxy.conf" -g 'daemon off;' & proxy_pid=$!; pids+=($proxy_pid)
 
 nats_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 nats-server -a 127.0.0.1 -p "$nats_port" -js -sd "$work/nats" >"$work/nats.log" 2>&1 & pids+=($!)
@@ -119,31 +119,42 @@ curl -sf -H 'Host: bench.localhost' http://127.0.0.1:18083/ >/dev/null || { cat 
 rss_mb() { echo $(( $(awk '/VmRSS/ {print $2}' /proc/$edge_pid/status) / 1024 )); }
 idle_rss=$(rss_mb)
 
-run() { # url connections warmup -> "req/s p99-in-ms errors"
+# CPU time (user + system, in clock ticks) of the given processes and all their threads.
+cpu_ticks() { cat "${@/#//proc/}" 2>/dev/null | awk '{ t += $14 + $15 } END { print t + 0 }'; }
+hz=$(getconf CLK_TCK)
+run() { # url connections warmup pid... -> "req/s p99-in-ms cpu-us-per-request errors"
     [ "$3" = warm ] && wrk -t2 -c"$2" -d3s -H 'Host: bench.localhost' "$1" >/dev/null 2>&1
-    local out
+    local out stats before after
+    stats=(); for p in "${@:4}"; do stats+=("$p/stat"); done
+    before=$(cpu_ticks "${stats[@]}")
     out=$(wrk -t2 -c"$2" -d"$DURATION" --latency -H 'Host: bench.localhost' "$1")
-    local rps p99 errors
+    after=$(cpu_ticks "${stats[@]}")
+    local rps p99 errors requests cpu
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    requests=$(awk '/requests in/ {print $1}' <<<"$out")
+    # CPU per request: unlike req/s, it does not depend on how the shared cores were split
+    # between wrk, the backend and the proxy during the run.
+    cpu=$(awk -v t="$((after - before))" -v hz="$hz" -v n="$requests" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
     p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
     p99=$(awk -v v="$p99" 'BEGIN { if (v ~ /us$/) print substr(v,1,length(v)-2)/1000; else if (v ~ /ms$/) print substr(v,1,length(v)-2); else if (v ~ /s$/) print substr(v,1,length(v)-1)*1000; else print v }')
     errors=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ' | tr ' ' '_')
-    echo "$rps $p99 ${errors:-none}"
+    echo "$rps $p99 $cpu ${errors:-none}"
 }
 median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
 log "machine: $cores cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(nginx -v 2>&1); $(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2)"
 log "each cell: the median of $ROUNDS runs of $DURATION, nginx and the edge taking turns"
-echo "| connections | nginx req/s | nginx p99 | edge req/s | edge p99 | edge/nginx req/s | edge/nginx p99 | runs (edge/nginx req/s) |"
-echo "|---|---|---|---|---|---|---|---|"
+nginx_pids=("$proxy_pid" $(pgrep -P "$proxy_pid"))
+echo "| connections | nginx req/s | nginx p99 | edge req/s | edge p99 | edge/nginx req/s | edge/nginx p99 | runs (edge/nginx req/s) | CPU µs/request nginx, edge |"
+echo "|---|---|---|---|---|---|---|---|---|"
 for c in ${BENCH_CONNECTIONS:-16 64 256}; do
-    n_rps=(); n_p99=(); e_rps=(); e_p99=(); ratios=()
+    n_rps=(); n_p99=(); e_rps=(); e_p99=(); ratios=(); n_cpu=(); e_cpu=()
     for r in $(seq 1 "$ROUNDS"); do
         warm=$([ "$r" = 1 ] && echo warm || echo cold)
-        read -r a b n_err <<<"$(run http://127.0.0.1:18082/ "$c" "$warm")"
-        n_rps+=("$a"); n_p99+=("$b")
-        read -r x y e_err <<<"$(run http://127.0.0.1:18083/ "$c" "$warm")"
-        e_rps+=("$x"); e_p99+=("$y")
+        read -r a b nc n_err <<<"$(run http://127.0.0.1:18082/ "$c" "$warm" "${nginx_pids[@]}")"
+        n_rps+=("$a"); n_p99+=("$b"); n_cpu+=("$nc")
+        read -r x y ec e_err <<<"$(run http://127.0.0.1:18083/ "$c" "$warm" "$edge_pid")"
+        e_rps+=("$x"); e_p99+=("$y"); e_cpu+=("$ec")
         ratios+=("$(awk -v a="$x" -v b="$a" 'BEGIN { printf "%.2f", a/b }')")
         [ "$n_err" = none ] || echo "  nginx errors: $n_err"
         [ "$e_err" = none ] || echo "  edge errors: $e_err"
@@ -152,7 +163,8 @@ for c in ${BENCH_CONNECTIONS:-16 64 256}; do
     er=$(printf '%s\n' "${e_rps[@]}" | median); ep=$(printf '%s\n' "${e_p99[@]}" | median)
     ratio=$(awk -v a="$er" -v b="$nr" 'BEGIN { printf "%.2fx", a/b }')
     pratio=$(awk -v a="$ep" -v b="$np" 'BEGIN { printf "%.2fx", a/b }')
-    echo "| $c | $nr | $np ms | $er | $ep ms | $ratio | $pratio | ${ratios[*]} |"
+    nc=$(printf '%s\n' "${n_cpu[@]}" | median); ec=$(printf '%s\n' "${e_cpu[@]}" | median)
+    echo "| $c | $nr | $np ms | $er | $ep ms | $ratio | $pratio | ${ratios[*]} | $nc, $ec |"
 done
 routes=$(psql "$DB" -Atc 'select count(*) from domains')
 echo "edge RSS with $routes routes: $idle_rss MB once they are loaded, $(rss_mb) MB after the runs (its upstream connections still pooled)"

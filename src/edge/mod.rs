@@ -11,6 +11,7 @@
 //! after its drain time); on SIGTERM the edge stops accepting and lets open requests finish
 //! within the drain deadline.
 
+pub mod h1;
 pub mod proxy;
 pub mod routes;
 pub mod tls;
@@ -134,6 +135,12 @@ pub async fn run(
         table.clone(),
         deps.options.upstream.clone(),
         latency,
+        deps.metrics.counter(
+            "berth_edge_hyper_connections_total",
+            "Client connections the HTTP/1.1 fast path handed to hyper at a request it does not take \
+             (HTTP/1.0, upgrades, Expect, chunked or large request bodies, malformed heads, unknown hosts...).",
+            &[],
+        ),
     ));
     let updater = Arc::new(RouteUpdater {
         pool: deps.pool.clone(),
@@ -276,6 +283,14 @@ pub async fn serve(
         .max_header_list_size(options.max_header_bytes as u32);
     let builder = Arc::new(builder);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let limits = h1::Limits {
+        header_read_timeout: options.header_read_timeout,
+        max_header_bytes: options.max_header_bytes,
+        max_headers: options.max_headers,
+    };
+    // This worker's own token: the fast path's connections wait on it, and a token shared by
+    // every worker would put one lock between all of them.
+    let stop = shutdown.child_token();
     let scheme = if tls.is_some() { "https" } else { "http" };
     loop {
         let (stream, client) = tokio::select! {
@@ -293,20 +308,39 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
         let peer = Arc::new(proxy::Peer::new(client));
-        let service = service_fn(move |req| proxy.clone().handle(req, peer.clone(), scheme));
         match &tls {
             None => {
-                let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .into_owned();
-                let conn = graceful.watch(conn);
+                // The fast path first; hyper from the first request it does not take. The
+                // watcher holds the drain open while the fast path serves.
+                let (builder, watcher, limits, stop) = (
+                    builder.clone(),
+                    graceful.watcher(),
+                    limits.clone(),
+                    stop.clone(),
+                );
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    let h1::Outcome::HandOff(read, stream) =
+                        h1::serve(stream, &proxy, &peer, &limits, &stop).await
+                    else {
+                        return;
+                    };
+                    proxy.handed_to_hyper.inc();
+                    let service =
+                        service_fn(move |req| proxy.clone().handle(req, peer.clone(), scheme));
+                    let conn = builder
+                        .serve_connection_with_upgrades(
+                            TokioIo::new(h1::Rewind::new(read, stream)),
+                            service,
+                        )
+                        .into_owned();
+                    if let Err(e) = watcher.watch(conn).await {
                         tracing::debug!(client.addr = %client, error = %e, "connection ended with an error");
                     }
                 });
             }
             Some(acceptor) => {
+                let service =
+                    service_fn(move |req| proxy.clone().handle(req, peer.clone(), scheme));
                 let (acceptor, builder, watcher) =
                     (acceptor.clone(), builder.clone(), graceful.watcher());
                 tokio::spawn(async move {

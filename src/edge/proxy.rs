@@ -21,7 +21,7 @@ use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 
 use super::routes::{Endpoint, RouteTable, normalize_host};
-use crate::metrics::Histogram;
+use crate::metrics::{Counter, Histogram};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -51,7 +51,7 @@ pub struct Peer {
     /// The client's address as X-Forwarded-For gives it.
     ip: HeaderValue,
     /// The client's address as a Forwarded `for=` token (IPv6 quoted and bracketed).
-    forwarded_for: String,
+    pub(super) forwarded_for: String,
 }
 
 impl Peer {
@@ -69,7 +69,7 @@ impl Peer {
     }
 
     /// The address as X-Forwarded-For lists it.
-    fn forwarded_ip(&self) -> &str {
+    pub(super) fn forwarded_ip(&self) -> &str {
         self.ip.to_str().unwrap_or_default()
     }
 }
@@ -78,8 +78,10 @@ impl Peer {
 #[derive(Clone)]
 pub struct Proxy {
     pub table: Arc<RouteTable>,
-    timeouts: UpstreamTimeouts,
-    latency: Arc<Histogram>,
+    pub(super) timeouts: UpstreamTimeouts,
+    pub(super) latency: Arc<Histogram>,
+    /// Connections the fast path ([`super::h1`]) handed to hyper.
+    pub(super) handed_to_hyper: Arc<Counter>,
 }
 
 impl Proxy {
@@ -87,11 +89,13 @@ impl Proxy {
         table: Arc<RouteTable>,
         timeouts: UpstreamTimeouts,
         latency: Arc<Histogram>,
+        handed_to_hyper: Arc<Counter>,
     ) -> Proxy {
         Proxy {
             table,
             timeouts,
             latency,
+            handed_to_hyper,
         }
     }
 
@@ -120,7 +124,14 @@ impl Proxy {
             .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
         let Some(route) = self.table.get(&host) else {
             let response = page(StatusCode::NOT_FOUND, "no app answers to this host");
-            access_log(&host, &method, &path, response.status(), None, started);
+            access_log(
+                &host,
+                method.as_str(),
+                path.as_str(),
+                response.status().as_u16(),
+                None,
+                started,
+            );
             return Ok(response);
         };
         let metrics = self.table.metrics_of(&route);
@@ -166,7 +177,14 @@ impl Proxy {
             match sent {
                 Ok(Ok(mut response)) => {
                     let status = response.status();
-                    access_log(&host, &method, &path, status, Some(endpoint.addr), started);
+                    access_log(
+                        &host,
+                        method.as_str(),
+                        path.as_str(),
+                        status.as_u16(),
+                        Some(endpoint.addr),
+                        started,
+                    );
                     self.latency.observe(started.elapsed());
                     if status == StatusCode::SWITCHING_PROTOCOLS
                         && let Some(client_upgrade) = client_upgrade
@@ -222,9 +240,9 @@ impl Proxy {
                     let response = page(StatusCode::GATEWAY_TIMEOUT, &last_error);
                     access_log(
                         &host,
-                        &method,
-                        &path,
-                        response.status(),
+                        method.as_str(),
+                        path.as_str(),
+                        response.status().as_u16(),
                         Some(endpoint.addr),
                         started,
                     );
@@ -247,17 +265,24 @@ impl Proxy {
                 "the app's instance could not be reached",
             )
         };
-        access_log(&host, &method, &path, response.status(), None, started);
+        access_log(
+            &host,
+            method.as_str(),
+            path.as_str(),
+            response.status().as_u16(),
+            None,
+            started,
+        );
         Ok(response)
     }
 }
 
 /// Keeps an endpoint's outstanding count (the creating worker's) while a request and its
 /// response body are in flight.
-struct InFlight(Arc<Endpoint>, usize);
+pub(super) struct InFlight(pub(super) Arc<Endpoint>, usize);
 
 impl InFlight {
-    fn new(endpoint: Arc<Endpoint>) -> InFlight {
+    pub(super) fn new(endpoint: Arc<Endpoint>) -> InFlight {
         let slot = endpoint.pool.my_slot();
         endpoint
             .pool
@@ -276,20 +301,20 @@ impl Drop for InFlight {
     }
 }
 
-fn access_log(
+pub(super) fn access_log(
     host: &str,
-    method: &Method,
-    path: &hyper::http::uri::PathAndQuery,
-    status: StatusCode,
+    method: &str,
+    path: &str,
+    status: u16,
     upstream: Option<SocketAddr>,
     started: Instant,
 ) {
     tracing::info!(
         target: "berth::access",
         host,
-        method = %method,
-        path = path.as_str(),
-        status = status.as_u16(),
+        method,
+        path,
+        status,
         upstream = upstream.map(|u| u.to_string()).unwrap_or_default(),
         duration_ms = started.elapsed().as_secs_f64() * 1e3,
     );
@@ -301,12 +326,17 @@ fn empty() -> Body {
         .boxed()
 }
 
-/// A small page of the edge's own.
-pub fn page(status: StatusCode, message: &str) -> Response<Body> {
-    let text = format!(
+/// The text of a small page of the edge's own.
+pub(super) fn page_text(status: StatusCode, message: &str) -> String {
+    format!(
         "<!doctype html><title>{code}</title><h1>{code}</h1><p>{message}</p><hr><p>berth edge</p>\n",
         code = status
-    );
+    )
+}
+
+/// A small page of the edge's own.
+pub fn page(status: StatusCode, message: &str) -> Response<Body> {
+    let text = page_text(status, message);
     let mut response = Response::new(
         Full::new(Bytes::from(text))
             .map_err(|never| match never {})
@@ -328,9 +358,14 @@ fn is_bodiless(headers: &HeaderMap) -> bool {
 }
 
 fn is_idempotent(method: &Method) -> bool {
+    is_idempotent_name(method.as_str())
+}
+
+/// Whether a method may be sent again without changing the outcome (RFC 9110 §9.2.2).
+pub(super) fn is_idempotent_name(method: &str) -> bool {
     matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
     )
 }
 
@@ -431,6 +466,11 @@ fn forwarding_headers(
 /// 128 random bits in hex: a per-thread xorshift generator seeded from the kernel's (ids
 /// must be unique, not secret; a read of /dev/urandom per request would cost a syscall).
 fn request_id() -> HeaderValue {
+    HeaderValue::from_bytes(&request_id_hex()).expect("hex digits are a header value")
+}
+
+/// A request id's 32 hex digits (see [`request_id`]).
+pub(super) fn request_id_hex() -> [u8; 32] {
     use std::cell::Cell;
     thread_local! {
         static STATE: Cell<(u64, u64)> = Cell::new(seed());
@@ -460,7 +500,7 @@ fn request_id() -> HeaderValue {
         {
             hex[i] = b"0123456789abcdef"[nibble as usize];
         }
-        HeaderValue::from_bytes(&hex).expect("hex digits are a header value")
+        hex
     })
 }
 

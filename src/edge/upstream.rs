@@ -52,6 +52,9 @@ type Idle = Vec<(http1::SendRequest<Body>, Instant)>;
 #[repr(align(128))]
 struct Slot {
     idle: Mutex<Idle>,
+    /// Idle connections of the HTTP/1 fast path ([`super::h1`]), which speaks HTTP/1.1 on
+    /// them itself.
+    raw: Mutex<Vec<(tokio::net::TcpStream, Instant)>>,
     /// This worker's requests in flight to the endpoint. Each worker balances by its own
     /// counts (as nginx's workers do without a shared zone): no count is shared between cores.
     outstanding: AtomicUsize,
@@ -68,6 +71,7 @@ impl Default for Pool {
             slots: (0..slots())
                 .map(|_| Slot {
                     idle: Mutex::new(Vec::new()),
+                    raw: Mutex::new(Vec::new()),
                     outstanding: AtomicUsize::new(0),
                 })
                 .collect(),
@@ -85,6 +89,41 @@ impl Pool {
         WORKER.with(|w| w.get()) % self.slots.len()
     }
 
+    /// An idle fast-path connection of this worker's, unused for less than `max_idle` and
+    /// with nothing to read (an idle HTTP/1.1 connection that turns readable was closed by
+    /// the app, or sent what it should not have). Nothing here makes a system call.
+    pub fn take_raw(&self, max_idle: Duration) -> Option<tokio::net::TcpStream> {
+        let mut raw = self.slots[self.my_slot()].raw.lock().expect("pool lock");
+        while let Some((stream, since)) = raw.pop() {
+            if since.elapsed() > max_idle {
+                continue;
+            }
+            // The runtime's readiness flag, set by an event since `put_raw` cleared it.
+            if stream
+                .try_io(tokio::io::Interest::READABLE, || Ok(()))
+                .is_ok()
+            {
+                continue;
+            }
+            return Some(stream);
+        }
+        None
+    }
+
+    /// Gives a fast-path connection back after a complete exchange, its response read to
+    /// the end.
+    pub fn put_raw(&self, stream: tokio::net::TcpStream) {
+        // What made it readable so far was the response, read now: forget that readiness
+        // (no system call), so that `take_raw` sees only what comes after (a close).
+        let _ = stream.try_io(tokio::io::Interest::READABLE, || {
+            Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+        });
+        let mut raw = self.slots[self.my_slot()].raw.lock().expect("pool lock");
+        if raw.len() < MAX_IDLE {
+            raw.push((stream, Instant::now()));
+        }
+    }
+
     /// Requests in flight from worker slot `slot`.
     pub fn outstanding(&self, slot: usize) -> &AtomicUsize {
         &self.slots[slot].outstanding
@@ -96,7 +135,10 @@ impl std::fmt::Debug for Pool {
         let n: usize = self
             .slots
             .iter()
-            .map(|s| s.idle.lock().map(|i| i.len()).unwrap_or(0))
+            .map(|s| {
+                s.idle.lock().map(|i| i.len()).unwrap_or(0)
+                    + s.raw.lock().map(|i| i.len()).unwrap_or(0)
+            })
             .sum();
         write!(f, "Pool {{ idle: {n} }}")
     }

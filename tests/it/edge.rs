@@ -22,7 +22,8 @@ use crate::fixtures::{TestDb, TestNats, eventually, link_instance, start_listene
 type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 /// A backend answering as `name`: `/` gives the name, `/headers` the request headers,
-/// `/sse` two events with a pause, an upgrade request an echo of raw bytes.
+/// `/echo` the request body, `/chunked` a chunked body, `/empty` a 204, `/sse` two events
+/// with a pause, an upgrade request an echo of raw bytes.
 struct Backend {
     addr: SocketAddr,
     stop: CancellationToken,
@@ -104,6 +105,20 @@ async fn respond(
             .unwrap());
     }
     Ok(match req.uri().path() {
+        "/echo" => {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            Response::new(Full::new(body).boxed())
+        }
+        "/chunked" => {
+            // No length: hyper sends it chunked, one chunk per frame.
+            let frames =
+                ["one,", "two,", "three"].map(|s| Ok::<_, Infallible>(Frame::data(Bytes::from(s))));
+            Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+        }
+        "/empty" => Response::builder()
+            .status(204)
+            .body(full(String::new()))
+            .unwrap(),
         "/headers" => {
             let mut text = String::new();
             for (k, v) in req.headers() {
@@ -921,4 +936,173 @@ async fn an_endpoint_refusing_connections_is_retried_elsewhere_and_skipped() {
         },
     )
     .await;
+}
+
+/// Connections the edge's fast path handed to hyper so far.
+fn handed_to_hyper(world: &World) -> u64 {
+    world
+        .metrics
+        .counter("berth_edge_hyper_connections_total", "", &[])
+        .get()
+}
+
+#[tokio::test]
+async fn plain_http1_requests_take_the_fast_path_and_keep_the_proxy_semantics() {
+    let world = World::new().await;
+    let backend = Backend::start("fast").await;
+    let app = world.app("web", &["web.localhost"]).await;
+    world.instance(app, backend.addr, "running").await;
+    world.wait_routed("web.localhost").await;
+    let before = handed_to_hyper(&world);
+    let served_before = backend.served.load(Ordering::Relaxed);
+
+    // One keep-alive connection, as a client library uses it.
+    let stream = TcpStream::connect(world.edge).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut send = async |method: &str, path: &str, body: &'static str| {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "Web.LocalHost:80")
+            .header("connection", "keep-alive, x-hop")
+            .header("x-hop", "secret")
+            .header("x-forwarded-for", "203.0.113.9")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        (parts, String::from_utf8_lossy(&body).into_owned())
+    };
+    let (parts, headers) = send("GET", "/headers?x=1", "").await;
+    assert_eq!(parts.status, 200);
+    assert!(parts.headers.contains_key("date"), "{:?}", parts.headers);
+    for expected in [
+        "host: Web.LocalHost:80",
+        "x-forwarded-for: 203.0.113.9, 127.0.0.1",
+        "x-forwarded-proto: http",
+        "x-forwarded-host: Web.LocalHost:80",
+        "forwarded: for=127.0.0.1;host=\"Web.LocalHost:80\";proto=http",
+    ] {
+        assert!(headers.contains(expected), "{expected} in {headers}");
+    }
+    assert!(headers.contains("x-request-id: "), "{headers}");
+    assert!(
+        !headers.contains("x-hop") && !headers.contains("connection"),
+        "{headers}"
+    );
+    let (parts, body) = send("POST", "/echo", "ping over the fast path").await;
+    assert_eq!(
+        (parts.status.as_u16(), body.as_str()),
+        (200, "ping over the fast path")
+    );
+    let (parts, body) = send("HEAD", "/", "").await;
+    assert_eq!((parts.status.as_u16(), body.as_str()), (200, ""));
+    assert_eq!(parts.headers["content-length"], "4");
+    let (parts, body) = send("GET", "/chunked", "").await;
+    assert_eq!(
+        (parts.status.as_u16(), body.as_str()),
+        (200, "one,two,three")
+    );
+    let (parts, body) = send("GET", "/empty", "").await;
+    assert_eq!((parts.status.as_u16(), body.as_str()), (204, ""));
+    let (parts, body) = send("GET", "/", "").await;
+    assert_eq!((parts.status.as_u16(), body.as_str()), (200, "fast"));
+    assert_eq!(backend.served.load(Ordering::Relaxed), served_before + 6);
+    let paths = backend.paths.lock().unwrap().clone();
+    assert!(
+        paths.ends_with(&["/headers", "/echo", "/", "/chunked", "/empty", "/"].map(String::from)),
+        "{paths:?}"
+    );
+
+    // Two pipelined requests in one write; the second asks to close.
+    let both = raw(world.edge, b"GET / HTTP/1.1\r\nHost: web.localhost\r\n\r\nGET /echo HTTP/1.1\r\nHost: web.localhost\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello").await;
+    assert_eq!(both.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{both}");
+    assert!(both.contains("\r\n\r\nfastHTTP/1.1 200 OK\r\n"), "{both}");
+    assert!(
+        both.ends_with("\r\n\r\nhello") && both.contains("connection: close\r\n"),
+        "{both}"
+    );
+    assert_eq!(
+        handed_to_hyper(&world),
+        before,
+        "all of it on the fast path"
+    );
+
+    // What the fast path does not take, hyper serves as before.
+    let old = raw(world.edge, b"GET / HTTP/1.0\r\nHost: web.localhost\r\n\r\n").await;
+    assert!(
+        old.starts_with("HTTP/1.0 200") || old.starts_with("HTTP/1.1 200"),
+        "{old}"
+    );
+    assert!(old.ends_with("fast"), "{old}");
+    let unknown = raw(
+        world.edge,
+        b"GET / HTTP/1.1\r\nHost: nobody.localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(unknown.starts_with("HTTP/1.1 404"), "{unknown}");
+    assert_eq!(handed_to_hyper(&world), before + 2);
+}
+
+/// An app that closes each keep-alive connection 50 ms after its response (as an app with a
+/// short keep-alive timeout does), counting the connections it accepted.
+async fn closing_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_app_closed_is_never_used_for_a_request() {
+    let world = World::new().await;
+    let (addr, accepted) = closing_backend().await;
+    let app = world.app("web", &["web.localhost"]).await;
+    world.instance(app, addr, "running").await;
+    world.wait_routed("web.localhost").await;
+    let before = accepted.load(Ordering::Relaxed);
+    for round in 0..5 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Not idempotent: a request on a connection the app had closed would be a 502.
+        let out = raw(
+            world.edge,
+            b"POST /form HTTP/1.1\r\nHost: web.localhost\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 200"), "round {round}: {out}");
+        assert!(out.ends_with("\r\n\r\nok"), "round {round}: {out}");
+    }
+    assert_eq!(
+        accepted.load(Ordering::Relaxed),
+        before + 5,
+        "a new connection each time"
+    );
 }
