@@ -291,6 +291,23 @@ pub async fn serve(
     // This worker's own token: the fast path's connections wait on it, and a token shared by
     // every worker would put one lock between all of them.
     let stop = shutdown.child_token();
+    if tls.is_none() {
+        // The fast path's idle upstream connections have no task watching them: every 15 s
+        // this worker closes those the apps closed or that sat unused too long.
+        let (proxy, stop) = (proxy.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(15));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                for endpoint in proxy.table.endpoints() {
+                    endpoint.pool.sweep_raw(proxy.timeouts.idle);
+                }
+            }
+        });
+    }
     let scheme = if tls.is_some() { "https" } else { "http" };
     loop {
         let (stream, client) = tokio::select! {

@@ -282,6 +282,12 @@ impl RouteTable {
             .collect()
     }
 
+    /// Every endpoint in the table now.
+    pub fn endpoints(&self) -> Vec<Arc<Endpoint>> {
+        let endpoints = self.endpoints.lock().expect("endpoints lock");
+        endpoints.values().cloned().collect()
+    }
+
     /// Least outstanding requests among two endpoints picked at random, skipping ejected
     /// ones (all ejected: pick among all rather than fail).
     pub fn pick(&self, route: &Route, exclude: Option<i64>) -> Option<Arc<Endpoint>> {

@@ -110,6 +110,18 @@ impl Pool {
         None
     }
 
+    /// Closes this worker's idle fast-path connections that expired or that the app closed
+    /// (hyper's pooled connections close themselves: each has a task watching it).
+    pub fn sweep_raw(&self, max_idle: Duration) {
+        let mut raw = self.slots[self.my_slot()].raw.lock().expect("pool lock");
+        raw.retain(|(stream, since)| {
+            since.elapsed() <= max_idle
+                && stream
+                    .try_io(tokio::io::Interest::READABLE, || Ok(()))
+                    .is_err()
+        });
+    }
+
     /// Gives a fast-path connection back after a complete exchange, its response read to
     /// the end.
     pub fn put_raw(&self, stream: tokio::net::TcpStream) {
@@ -288,5 +300,55 @@ impl Drop for PooledBody {
         if self.inner.is_end_stream() {
             self.give_back();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    fn idle_raw(pool: &Pool) -> usize {
+        pool.slots[pool.my_slot()].raw.lock().unwrap().len()
+    }
+
+    #[tokio::test]
+    async fn a_fast_path_connection_the_app_closed_is_swept_and_never_taken() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pool = Pool::default();
+        let mut apps = Vec::new();
+        for _ in 0..2 {
+            let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+            apps.push(listener.accept().await.unwrap().0);
+            pool.put_raw(client);
+        }
+        // Both open: both kept, and one is handed out.
+        pool.sweep_raw(Duration::from_secs(90));
+        assert_eq!(idle_raw(&pool), 2);
+        let taken = pool
+            .take_raw(Duration::from_secs(90))
+            .expect("an open connection");
+        pool.put_raw(taken);
+
+        // The app closes one; once the event is in, the sweep closes it and keeps the other.
+        let mut closed = apps.remove(0);
+        closed.shutdown().await.unwrap();
+        drop(closed);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        pool.sweep_raw(Duration::from_secs(90));
+        assert_eq!(idle_raw(&pool), 1);
+
+        // The other one closes too: take_raw passes it over.
+        drop(apps.remove(0));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(pool.take_raw(Duration::from_secs(90)).is_none());
+
+        // Unused too long: swept.
+        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _app = listener.accept().await.unwrap().0;
+        pool.put_raw(client);
+        pool.sweep_raw(Duration::ZERO);
+        assert_eq!(idle_raw(&pool), 0);
     }
 }

@@ -22,8 +22,8 @@ use crate::fixtures::{TestDb, TestNats, eventually, link_instance, start_listene
 type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 /// A backend answering as `name`: `/` gives the name, `/headers` the request headers,
-/// `/echo` the request body, `/chunked` a chunked body, `/empty` a 204, `/sse` two events
-/// with a pause, an upgrade request an echo of raw bytes.
+/// `/echo` the request body, `/chunked` a chunked body, `/empty` a 204, `/slow` its name
+/// after a second, `/sse` two events with a pause, an upgrade request an echo of raw bytes.
 struct Backend {
     addr: SocketAddr,
     stop: CancellationToken,
@@ -115,6 +115,10 @@ async fn respond(
                 ["one,", "two,", "three"].map(|s| Ok::<_, Infallible>(Frame::data(Bytes::from(s))));
             Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed())
         }
+        "/slow" => {
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            Response::new(full("slow".to_string()))
+        }
         "/empty" => Response::builder()
             .status(204)
             .body(full(String::new()))
@@ -171,6 +175,16 @@ struct World {
 impl World {
     async fn new() -> World {
         Self::with_options(Default::default()).await
+    }
+
+    /// A world with one app, `web.localhost`, served by a backend answering as `name`.
+    async fn routed(name: &'static str) -> (World, Backend) {
+        let world = World::new().await;
+        let backend = Backend::start(name).await;
+        let app = world.app("web", &["web.localhost"]).await;
+        world.instance(app, backend.addr, "running").await;
+        world.wait_routed("web.localhost").await;
+        (world, backend)
     }
 
     async fn with_options(options: berth::edge::EdgeOptions) -> World {
@@ -292,6 +306,25 @@ async fn app_rows(pool: &PgPool, name: &str, domains: &[&str]) -> (i64, i64) {
             .unwrap();
     }
     (app, dep)
+}
+
+/// A keep-alive HTTP/1.1 client connection to the edge, and its connection task.
+async fn http1_client<B>(
+    edge: SocketAddr,
+) -> (
+    hyper::client::conn::http1::SendRequest<B>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+)
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = TcpStream::connect(edge).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake::<_, B>(TokioIo::new(stream))
+        .await
+        .unwrap();
+    (sender, tokio::spawn(conn))
 }
 
 /// One HTTP/1.1 request on a fresh connection.
@@ -445,14 +478,7 @@ async fn a_rolling_replacement_under_continuous_load_fails_no_request() {
             (world.edge, stop_load.clone(), ok.clone(), failed.clone());
         clients.push(tokio::spawn(async move {
             // Keep-alive connections to the edge, like a browser or a load balancer.
-            let stream = TcpStream::connect(edge).await.unwrap();
-            let (mut sender, conn) = hyper::client::conn::http1::handshake::<
-                _,
-                http_body_util::Empty<Bytes>,
-            >(TokioIo::new(stream))
-            .await
-            .unwrap();
-            tokio::spawn(conn);
+            let (mut sender, _conn) = http1_client::<http_body_util::Empty<Bytes>>(edge).await;
             while !stop_load.is_cancelled() {
                 let req = Request::get("/")
                     .header("host", "web.localhost")
@@ -526,11 +552,7 @@ async fn a_rolling_replacement_under_continuous_load_fails_no_request() {
 
 #[tokio::test]
 async fn websockets_sse_and_http2_go_through() {
-    let world = World::new().await;
-    let backend = Backend::start("streams").await;
-    let app = world.app("web", &["web.localhost"]).await;
-    world.instance(app, backend.addr, "running").await;
-    world.wait_routed("web.localhost").await;
+    let (world, _backend) = World::routed("streams").await;
 
     // An upgrade: the 101 comes back and bytes flow both ways.
     let mut ws = TcpStream::connect(world.edge).await.unwrap();
@@ -551,14 +573,7 @@ async fn websockets_sse_and_http2_go_through() {
     }
 
     // SSE: the first event arrives while the backend still holds the second.
-    let stream = TcpStream::connect(world.edge).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake::<_, http_body_util::Empty<Bytes>>(TokioIo::new(
-            stream,
-        ))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let (mut sender, _conn) = http1_client::<http_body_util::Empty<Bytes>>(world.edge).await;
     let req = Request::get("/sse")
         .header("host", "web.localhost")
         .body(http_body_util::Empty::new())
@@ -909,13 +924,7 @@ async fn an_endpoint_refusing_connections_is_retried_elsewhere_and_skipped() {
             .unwrap_or(0)
     };
     let before = upstream_errors();
-    let stream = TcpStream::connect(world.edge).await.unwrap();
-    let (sender, conn) = hyper::client::conn::http1::handshake::<_, http_body_util::Empty<Bytes>>(
-        TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let (sender, _conn) = http1_client::<http_body_util::Empty<Bytes>>(world.edge).await;
     let sender = tokio::sync::Mutex::new(sender);
     eventually(
         "a POST retried after a refused connection",
@@ -948,21 +957,12 @@ fn handed_to_hyper(world: &World) -> u64 {
 
 #[tokio::test]
 async fn plain_http1_requests_take_the_fast_path_and_keep_the_proxy_semantics() {
-    let world = World::new().await;
-    let backend = Backend::start("fast").await;
-    let app = world.app("web", &["web.localhost"]).await;
-    world.instance(app, backend.addr, "running").await;
-    world.wait_routed("web.localhost").await;
+    let (world, backend) = World::routed("fast").await;
     let before = handed_to_hyper(&world);
     let served_before = backend.served.load(Ordering::Relaxed);
 
     // One keep-alive connection, as a client library uses it.
-    let stream = TcpStream::connect(world.edge).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let (mut sender, _conn) = http1_client::<Full<Bytes>>(world.edge).await;
     let mut send = async |method: &str, path: &str, body: &'static str| {
         let req = Request::builder()
             .method(method)
@@ -1105,4 +1105,38 @@ async fn a_pooled_connection_the_app_closed_is_never_used_for_a_request() {
         before + 5,
         "a new connection each time"
     );
+}
+
+#[tokio::test]
+async fn on_shutdown_requests_in_flight_finish_and_idle_connections_close() {
+    let (world, _backend) = World::routed("fast").await;
+
+    // A keep-alive connection, idle after one request.
+    let (mut idle, idle_conn) = http1_client::<http_body_util::Empty<Bytes>>(world.edge).await;
+    let req = Request::get("/")
+        .header("host", "web.localhost")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    assert_eq!(idle.send_request(req).await.unwrap().status(), 200);
+
+    // A request in flight when the edge is told to stop.
+    let edge = world.edge;
+    let slow = tokio::spawn(async move { get(edge, "web.localhost", "/slow").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    world.stop.cancel();
+
+    tokio::time::timeout(Duration::from_secs(2), idle_conn)
+        .await
+        .expect("the idle connection is closed at once")
+        .unwrap()
+        .unwrap();
+    let (status, body, headers) = slow.await.unwrap().expect("the request in flight finished");
+    assert_eq!((status, body.as_str()), (200, "slow"));
+    assert_eq!(headers["connection"], "close", "{headers:?}");
+    eventually(
+        "new connections are refused",
+        Duration::from_secs(5),
+        || async { TcpStream::connect(edge).await.is_err() },
+    )
+    .await;
 }
