@@ -86,8 +86,11 @@ pub async fn serve(
         // The next request's head, within the header timeout (which also bounds how long
         // an idle keep-alive connection stays open, as hyper's does).
         head_deadline.set(Instant::now() + limits.header_read_timeout);
+        // Bytes already looked at without a line end: a head cannot end among them, so a
+        // client sending its head a byte at a time does not get it parsed again each time.
+        let mut scanned = 0;
         let plan = loop {
-            if !buf.is_empty() {
+            if buf[scanned..].contains(&b'\n') {
                 match inspect(&buf, proxy, peer, limits, &mut upstream.request) {
                     Inspected::Plan(plan) => break plan,
                     Inspected::HandOff => return Outcome::HandOff(buf, client),
@@ -96,7 +99,10 @@ pub async fn serve(
                     }
                     Inspected::Partial => {}
                 }
+            } else if buf.len() >= limits.max_header_bytes {
+                return Outcome::HandOff(buf, client);
             }
+            scanned = buf.len();
             let idle = buf.is_empty();
             if idle && shutdown.is_cancelled() {
                 return Outcome::Closed;

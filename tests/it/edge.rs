@@ -1030,6 +1030,23 @@ async fn plain_http1_requests_take_the_fast_path_and_keep_the_proxy_semantics() 
         both.ends_with("\r\n\r\nhello") && both.contains("connection: close\r\n"),
         "{both}"
     );
+    // A head sent a byte at a time.
+    let mut slow = TcpStream::connect(world.edge).await.unwrap();
+    slow.set_nodelay(true).unwrap();
+    for b in b"GET / HTTP/1.1\r\nHost: web.localhost\r\nConnection: close\r\n\r\n" {
+        slow.write_all(&[*b]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.ends_with("fast"),
+        "{out}"
+    );
     assert_eq!(
         handed_to_hyper(&world),
         before,
