@@ -137,6 +137,10 @@ pub async fn serve(
         upstream.request.extend_from_slice(&buf[plan.head_len..end]);
         let keep_open = forward(&mut client, &buf, &plan, proxy, &mut upstream, shutdown).await;
         buf.advance(end);
+        // A large body's buffer is not kept for the connection's life.
+        if upstream.request.capacity() > 16 * 1024 {
+            upstream.request = Vec::new();
+        }
         if !keep_open {
             return Outcome::Closed;
         }
@@ -742,12 +746,11 @@ async fn respond(
     let Ok((n, mut done)) = take(up, &mut remaining) else {
         return false;
     };
-    out.extend_from_slice(&up[..n]);
     if n < up.len() {
         // Bytes after the response: the connection cannot be trusted again.
         reusable = false;
     }
-    if client.write_all(out).await.is_err() {
+    if write_both(client, out, &up[..n]).await.is_err() {
         return false;
     }
     while !done {
@@ -778,6 +781,26 @@ async fn respond(
         endpoint.pool.put_raw(stream);
     }
     !close
+}
+
+/// Writes `a`, then `b`, in one system call when the socket takes both.
+async fn write_both(w: &mut TcpStream, mut a: &[u8], mut b: &[u8]) -> std::io::Result<()> {
+    while !a.is_empty() && !b.is_empty() {
+        let n = w
+            .write_vectored(&[std::io::IoSlice::new(a), std::io::IoSlice::new(b)])
+            .await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        if n < a.len() {
+            a = &a[n..];
+        } else {
+            b = &b[n - a.len()..];
+            a = &[];
+        }
+    }
+    w.write_all(a).await?;
+    w.write_all(b).await
 }
 
 /// The response head for the client: the app's status and headers, hop-by-hop ones out

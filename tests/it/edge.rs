@@ -22,7 +22,7 @@ use crate::fixtures::{TestDb, TestNats, eventually, link_instance, start_listene
 type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 /// A backend answering as `name`: `/` gives the name, `/headers` the request headers,
-/// `/echo` the request body, `/chunked` a chunked body, `/empty` a 204, `/slow` its name
+/// `/echo` the request body, `/chunked` a chunked body, `/big` 1 MiB, `/empty` a 204, `/slow` its name
 /// after a second, `/sse` two events with a pause, an upgrade request an echo of raw bytes.
 struct Backend {
     addr: SocketAddr,
@@ -119,6 +119,7 @@ async fn respond(
             tokio::time::sleep(Duration::from_millis(1000)).await;
             Response::new(full("slow".to_string()))
         }
+        "/big" => Response::new(Full::new(Bytes::from(vec![b'x'; 1 << 20])).boxed()),
         "/empty" => Response::builder()
             .status(204)
             .body(full(String::new()))
@@ -1015,10 +1016,23 @@ async fn plain_http1_requests_take_the_fast_path_and_keep_the_proxy_semantics() 
     assert_eq!((parts.status.as_u16(), body.as_str()), (204, ""));
     let (parts, body) = send("GET", "/", "").await;
     assert_eq!((parts.status.as_u16(), body.as_str()), (200, "fast"));
-    assert_eq!(backend.served.load(Ordering::Relaxed), served_before + 6);
+    // A 60 KiB body (it comes in several reads) and a 1 MiB response (it goes out in several
+    // writes).
+    let (parts, body) = send("POST", "/echo", "b".repeat(60 * 1024).leak()).await;
+    assert_eq!((parts.status.as_u16(), body.len()), (200, 60 * 1024));
+    assert!(body.bytes().all(|b| b == b'b'));
+    let (parts, body) = send("GET", "/big", "").await;
+    assert_eq!((parts.status.as_u16(), body.len()), (200, 1 << 20));
+    assert!(body.bytes().all(|b| b == b'x'));
+    assert_eq!(backend.served.load(Ordering::Relaxed), served_before + 8);
     let paths = backend.paths.lock().unwrap().clone();
     assert!(
-        paths.ends_with(&["/headers", "/echo", "/", "/chunked", "/empty", "/"].map(String::from)),
+        paths.ends_with(
+            &[
+                "/headers", "/echo", "/", "/chunked", "/empty", "/", "/echo", "/big"
+            ]
+            .map(String::from)
+        ),
         "{paths:?}"
     );
 
@@ -1066,7 +1080,23 @@ async fn plain_http1_requests_take_the_fast_path_and_keep_the_proxy_semantics() 
     )
     .await;
     assert!(unknown.starts_with("HTTP/1.1 404"), "{unknown}");
-    assert_eq!(handed_to_hyper(&world), before + 2);
+    let large = "c".repeat(100 * 1024);
+    let upload = raw(
+        world.edge,
+        format!(
+            "POST /echo HTTP/1.1\r\nHost: web.localhost\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{large}",
+            large.len()
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert!(
+        upload.starts_with("HTTP/1.1 200"),
+        "{}",
+        &upload[..upload.len().min(200)]
+    );
+    assert!(upload.ends_with(&format!("\r\n\r\n{large}")));
+    assert_eq!(handed_to_hyper(&world), before + 3);
 }
 
 /// An app that closes each keep-alive connection 50 ms after its response (as an app with a
