@@ -292,12 +292,13 @@ fn load_source(path: &std::path::Path) -> anyhow::Result<crate::watcher::apply::
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let digest = sha2::Sha256::digest(&bytes);
     let abs = std::path::absolute(path)?;
-    Ok(crate::watcher::apply::SourceSnapshot {
-        source: format!("file:{}", abs.display()),
-        revision: crate::watcher::apply::revision_of(&digest),
-        root: path.parent().map(|p| p.to_path_buf()).unwrap_or_default(),
-        loaded: crate::spec::load_paths(&[path.to_path_buf()]),
-    })
+    Ok(crate::watcher::apply::SourceSnapshot::new(
+        format!("file:{}", abs.display()),
+        crate::watcher::apply::revision_of(&digest),
+        path.parent().map(|p| p.to_path_buf()).unwrap_or_default(),
+        crate::spec::load_paths(&[path.to_path_buf()]),
+    )
+    .with_builds_in_revision())
 }
 
 fn apply_or_plan(args: &SourceArgs, write: bool) -> ExitCode {

@@ -94,8 +94,19 @@ pub enum ContextError {
     Io(#[from] std::io::Error),
 }
 
-/// Tars `context` for the engine.
-pub fn tar_context(context: &Path) -> Result<Vec<u8>, ContextError> {
+/// What an entry of a context is.
+enum Entry {
+    Dir,
+    File,
+    Symlink(PathBuf),
+}
+
+/// Visits what of `context` goes to the engine, in a fixed order (depth first, names sorted):
+/// what `.dockerignore` excludes is left out, a symlink leading outside is an error.
+fn walk(
+    context: &Path,
+    mut visit: impl FnMut(&Path, &Path, Entry, &std::fs::Metadata) -> std::io::Result<()>,
+) -> Result<(), ContextError> {
     if !context.is_dir() {
         return Err(ContextError::NotAFolder(context.display().to_string()));
     }
@@ -104,8 +115,6 @@ pub fn tar_context(context: &Path) -> Result<Vec<u8>, ContextError> {
         Ok(t) => DockerIgnore::parse(&t),
         Err(_) => DockerIgnore::parse(""),
     };
-    let mut builder = tar::Builder::new(Vec::new());
-    builder.follow_symlinks(false);
     let mut stack = vec![PathBuf::new()];
     while let Some(rel_dir) = stack.pop() {
         let mut entries: Vec<_> =
@@ -131,16 +140,61 @@ pub fn tar_context(context: &Path) -> Result<Vec<u8>, ContextError> {
                 if !stays_inside(&real_root, &resolved) {
                     return Err(ContextError::EscapingSymlink(rel_str));
                 }
-                builder.append_path_with_name(&path, &rel)?;
+                visit(&rel, &path, Entry::Symlink(target), &meta)?;
             } else if meta.is_dir() {
-                builder.append_dir(&rel, &path)?;
+                visit(&rel, &path, Entry::Dir, &meta)?;
                 stack.push(rel);
             } else {
-                builder.append_path_with_name(&path, &rel)?;
+                visit(&rel, &path, Entry::File, &meta)?;
             }
         }
     }
+    Ok(())
+}
+
+/// Tars `context` for the engine.
+pub fn tar_context(context: &Path) -> Result<Vec<u8>, ContextError> {
+    let mut builder = tar::Builder::new(Vec::new());
+    builder.follow_symlinks(false);
+    walk(context, |rel, path, entry, _| match entry {
+        Entry::Dir => builder.append_dir(rel, path),
+        Entry::File | Entry::Symlink(_) => builder.append_path_with_name(path, rel),
+    })?;
     Ok(builder.into_inner()?)
+}
+
+/// A hash of what `tar_context` would send, made of names, kinds, executable bits, link
+/// targets and contents (not times or owners): equal for equal contexts, wherever and
+/// whenever they were checked out.
+pub fn content_hash(context: &Path) -> Result<String, ContextError> {
+    use sha2::Digest;
+    use std::os::unix::fs::PermissionsExt;
+    let mut hasher = sha2::Sha256::new();
+    walk(context, |rel, path, entry, meta| {
+        hasher.update(rel.as_os_str().as_encoded_bytes());
+        hasher.update([0]);
+        match entry {
+            Entry::Dir => hasher.update(b"d"),
+            Entry::Symlink(target) => {
+                hasher.update(b"l");
+                hasher.update(target.as_os_str().as_encoded_bytes());
+            }
+            Entry::File => {
+                let executable = meta.permissions().mode() & 0o111 != 0;
+                hasher.update(if executable { b"x" } else { b"f" });
+                let mut file = std::fs::File::open(path)?;
+                let n = std::io::copy(&mut file, &mut hasher)?;
+                hasher.update(n.to_le_bytes());
+            }
+        }
+        hasher.update([0]);
+        Ok(())
+    })?;
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 /// Whether `path` resolves inside `root`, following every symlink that exists and treating

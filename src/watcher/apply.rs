@@ -31,6 +31,72 @@ pub struct SourceSnapshot {
     /// The root the files are relative to (their path inside the source is recorded).
     pub root: PathBuf,
     pub loaded: Loaded,
+    /// The content hash of each `build:` app's context, by app name.
+    pub builds: HashMap<String, String>,
+}
+
+impl SourceSnapshot {
+    /// A snapshot of `loaded`, with the content hash of each `build:` app's context.
+    pub fn new(source: String, revision: String, root: PathBuf, loaded: Loaded) -> SourceSnapshot {
+        let builds = loaded
+            .apps
+            .iter()
+            .filter_map(|app| {
+                let build = app.spec.build.as_ref()?;
+                let dir = app
+                    .file
+                    .parent()
+                    .unwrap_or(Path::new("."))
+                    .join(&build.context);
+                // A context that cannot be read still deploys: its build fails, saying why.
+                let hash = crate::builder::context::content_hash(&dir)
+                    .unwrap_or_else(|e| format!("unreadable: {e}"));
+                Some((app.spec.name.clone(), hash))
+            })
+            .collect();
+        SourceSnapshot {
+            source,
+            revision,
+            root,
+            loaded,
+            builds,
+        }
+    }
+
+    /// The revision, changed by any change of a build context as well (a folder's revision
+    /// hashes only its spec files).
+    pub fn with_builds_in_revision(mut self) -> SourceSnapshot {
+        use sha2::{Digest, Sha256};
+        if self.builds.is_empty() {
+            return self;
+        }
+        let mut builds: Vec<(&String, &String)> = self.builds.iter().collect();
+        builds.sort();
+        let mut hasher = Sha256::new();
+        hasher.update(self.revision.as_bytes());
+        for (name, hash) in builds {
+            hasher.update([0]);
+            hasher.update(name.as_bytes());
+            hasher.update([0]);
+            hasher.update(hash.as_bytes());
+        }
+        self.revision = revision_of(&hasher.finalize());
+        self
+    }
+
+    /// What tells whether an app changed: its spec's hash, combined with its build
+    /// context's for a `build:` app, so that new code is a new deployment as a new spec is.
+    pub fn app_hash(&self, spec: &AppSpec) -> String {
+        use sha2::{Digest, Sha256};
+        let spec_hash = spec.spec_hash();
+        match self.builds.get(&spec.name) {
+            None => spec_hash,
+            Some(context) => {
+                let digest = Sha256::digest(format!("{spec_hash}\0{context}").as_bytes());
+                digest.iter().map(|b| format!("{b:02x}")).collect()
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -249,16 +315,20 @@ fn diff(
             plan.changes.push(Change::Invalid { name, error });
             continue;
         }
-        let hash = app.spec.spec_hash();
+        let hash = src.app_hash(&app.spec);
         let file = relative(&src.root, &app.file);
         plan.changes.push(match existing {
             None => Change::Create { name },
             Some(row) if row.deleted || row.spec_hash.is_none() => Change::Create { name },
             Some(row) if row.spec_hash.as_deref() != Some(hash.as_str()) => {
-                let fields = old_specs
+                let mut fields = old_specs
                     .get(&name)
                     .map(|old| changed_fields(old, &app.spec.to_canonical_json()))
                     .unwrap_or_default();
+                if fields.is_empty() && src.builds.contains_key(&name) {
+                    // The same spec: what changed is in the build context.
+                    fields.push("build context".to_string());
+                }
                 Change::Update { name, fields }
             }
             Some(row)
@@ -375,7 +445,7 @@ where
         .iter()
         .filter_map(|a| {
             let row = snap.apps.get(&a.spec.name)?;
-            (row.spec_hash.as_deref() != Some(a.spec.spec_hash().as_str())).then_some(row.id)
+            (row.spec_hash.as_deref() != Some(src.app_hash(&a.spec).as_str())).then_some(row.id)
         })
         .collect();
     if ids.is_empty() {
@@ -546,7 +616,7 @@ async fn execute(
                 None => {
                     new_names.push(name.clone());
                     new_specs.push(spec.to_canonical_json());
-                    new_hashes.push(spec.spec_hash());
+                    new_hashes.push(src.app_hash(spec));
                     new_files.push(file.clone());
                 }
             }
@@ -582,7 +652,7 @@ async fn execute(
         )
         .bind(id)
         .bind(spec.to_canonical_json())
-        .bind(spec.spec_hash())
+        .bind(src.app_hash(spec))
         .bind(&src.source)
         .bind(&file)
         .bind(&src.revision)
@@ -605,7 +675,7 @@ async fn execute(
                 )
                 .bind(id)
                 .bind(spec.to_canonical_json())
-                .bind(spec.spec_hash())
+                .bind(src.app_hash(spec))
                 .bind(file)
                 .bind(&src.revision)
                 .fetch_one(&mut **tx)
@@ -682,7 +752,7 @@ async fn execute(
             app_ids.push(*id);
             generations.push(*generation);
             spec_json.push(spec.to_canonical_json());
-            hashes.push(spec.spec_hash());
+            hashes.push(src.app_hash(spec));
             timelines.push(timeline_entry(
                 "pending",
                 &format!("generation {generation} from revision {}", src.revision),

@@ -86,12 +86,13 @@ pub fn load_checkout(
     if !root.is_dir() {
         bail!("path `{}` does not exist at commit {commit}", git_cfg.path);
     }
-    Ok(SourceSnapshot {
-        source: git_source(git_cfg),
-        revision: commit.to_string(),
-        loaded: crate::spec::load_paths(std::slice::from_ref(&root)),
+    let loaded = crate::spec::load_paths(std::slice::from_ref(&root));
+    Ok(SourceSnapshot::new(
+        git_source(git_cfg),
+        commit.to_string(),
         root,
-    })
+        loaded,
+    ))
 }
 
 /// Polls (and wakes on webhooks) until shutdown. Failures back off from 1 s up to the interval.

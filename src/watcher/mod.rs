@@ -58,12 +58,15 @@ pub fn load_folder(path: &Path) -> Option<SourceSnapshot> {
     if !path.is_dir() {
         return None;
     }
-    Some(SourceSnapshot {
-        source: folder_source(path),
-        revision: apply::folder_revision(path),
-        root: path.to_path_buf(),
-        loaded: crate::spec::load_paths(&[path.to_path_buf()]),
-    })
+    Some(
+        SourceSnapshot::new(
+            folder_source(path),
+            apply::folder_revision(path),
+            path.to_path_buf(),
+            crate::spec::load_paths(&[path.to_path_buf()]),
+        )
+        .with_builds_in_revision(),
+    )
 }
 
 pub async fn run(deps: WatcherDeps, shutdown: CancellationToken) -> anyhow::Result<()> {

@@ -401,6 +401,11 @@ async fn a_git_commit_is_served_through_the_edge() {
     git(&["commit", "-qam", "second"]);
     it.wait_for_page("second commit\n", Duration::from_secs(120))
         .await;
+    // A commit of code alone, the spec as it was: a new image is built and served.
+    write_app(repo.path(), &it.spec(1, "2"), "code only\n");
+    git(&["commit", "-qam", "code only"]);
+    it.wait_for_page("code only\n", Duration::from_secs(120))
+        .await;
     let revision: String = sqlx::query_scalar("select source_revision from apps where name = $1")
         .bind(&it.app)
         .fetch_one(&it.db.pool)

@@ -226,6 +226,71 @@ async fn one_source_cannot_take_another_sources_app() {
     );
 }
 
+#[tokio::test]
+async fn a_changed_build_context_is_a_new_deployment_and_an_ignored_file_is_not() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    write(
+        root,
+        "web.yaml",
+        "apiVersion: berth/v1\nkind: App\nname: web\nbuild: {context: src}\n",
+    );
+    write(
+        &root.join("src"),
+        "Dockerfile",
+        "FROM busybox:1\nCOPY . /app\n",
+    );
+    write(&root.join("src"), ".dockerignore", "*.log\n");
+    write(&root.join("src"), "index.html", "one\n");
+    apply_folder(&db.pool, root, false).await;
+    let revision = berth::watcher::load_folder(root).unwrap().revision;
+
+    // Only the code changes: the folder's revision and the app change, with a reason.
+    write(&root.join("src"), "index.html", "two\n");
+    let snap = berth::watcher::load_folder(root).unwrap();
+    assert_ne!(
+        snap.revision, revision,
+        "the revision covers build contexts"
+    );
+    let plan = apply_folder(&db.pool, root, false).await;
+    assert!(
+        matches!(&plan.changes[..], [Change::Update { name, fields }] if name == "web" && fields == &["build context"]),
+        "{:?}",
+        plan.changes
+    );
+    assert_eq!(
+        deployments(&db.pool).await,
+        vec![dep("web", 1, "cancelled"), dep("web", 2, "pending")]
+    );
+
+    // What .dockerignore excludes, and a file's time, are not the context.
+    write(&root.join("src"), "debug.log", "noise\n");
+    let html = root.join("src/index.html");
+    std::fs::File::options()
+        .write(true)
+        .open(&html)
+        .unwrap()
+        .set_modified(std::time::SystemTime::UNIX_EPOCH)
+        .unwrap();
+    let plan = apply_folder(&db.pool, root, false).await;
+    assert!(
+        matches!(&plan.changes[..], [Change::Unchanged { .. }]),
+        "{:?}",
+        plan.changes
+    );
+    // An executable bit is.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&html, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let plan = apply_folder(&db.pool, root, false).await;
+    assert!(
+        matches!(&plan.changes[..], [Change::Update { .. }]),
+        "{:?}",
+        plan.changes
+    );
+    assert_eq!(deployments(&db.pool).await.len(), 3);
+}
+
 fn watcher_deps(
     db: &TestDb,
     specs: Option<PathBuf>,
