@@ -999,6 +999,8 @@ fn take_buffer() -> BytesMut {
 
 fn give_buffer(mut buf: BytesMut) {
     buf.clear();
+    // Reclaims the room before the read position (what `advance` moved past): no allocation.
+    buf.reserve(READ_SIZE);
     if buf.capacity() >= READ_SIZE && buf.capacity() <= 4 * READ_SIZE {
         BUFFERS.with(|b| {
             let mut b = b.borrow_mut();
@@ -1124,6 +1126,19 @@ impl AsyncWrite for Rewind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_buffers_are_reused_after_reads_moved_past_their_start() {
+        let mut b = take_buffer();
+        b.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+        b.advance(38);
+        let pooled = || BUFFERS.with(|b| b.borrow().len());
+        let before = pooled();
+        give_buffer(b);
+        assert_eq!(pooled(), before + 1, "kept for the next request");
+        let again = take_buffer();
+        assert!(again.is_empty() && again.capacity() >= READ_SIZE);
+    }
 
     #[test]
     fn chunked_bodies_are_followed_to_their_end_across_reads() {
