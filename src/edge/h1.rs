@@ -388,7 +388,7 @@ fn parse_length(value: &[u8]) -> Option<usize> {
 struct Upstream {
     /// The request to send: head, then body.
     request: Vec<u8>,
-    /// The response head (and first body bytes) for the client.
+    /// The response head for the client (or the edge's own page).
     response: Vec<u8>,
     /// Made at the first request that waits for an app.
     deadline: Option<Deadline>,
@@ -428,6 +428,8 @@ async fn forward(
     keep_open
 }
 
+/// [`forward`] with the connection's response deadline: up to two endpoints, each tried on
+/// a pooled connection first.
 async fn attempts(
     client: &mut TcpStream,
     buf: &[u8],
