@@ -1,4 +1,4 @@
-//! The HTTP/1.1 fast path: plain requests on plain connections, proxied without hyper.
+//! The HTTP/1.1 fast path: plain requests, over TCP or TLS, proxied without hyper.
 //!
 //! Nearly every request an edge sees has one shape: HTTP/1.1, a path, one Host header, no
 //! body or a small one with Content-Length, for a host with a healthy endpoint. For those,
@@ -62,22 +62,28 @@ pub struct Limits {
 }
 
 /// How a connection left the fast path.
-pub enum Outcome {
+pub enum Outcome<S> {
     /// Done with: closed by either side, timed out or shut down.
     Closed,
     /// A request the fast path does not take begins at the start of these bytes (read from
     /// the stream already): hyper serves the connection from here.
-    HandOff(BytesMut, TcpStream),
+    HandOff(BytesMut, S),
 }
 
-/// Serves `client` until it closes or a request needs hyper.
-pub async fn serve(
-    mut client: TcpStream,
+/// The client side of a connection: TCP, or TLS over it.
+pub trait Client: AsyncRead + AsyncWrite + Unpin {}
+impl<S: AsyncRead + AsyncWrite + Unpin> Client for S {}
+
+/// Serves `client` (over `scheme`: `http` or `https`) until it closes or a request needs
+/// hyper.
+pub async fn serve<S: Client>(
+    mut client: S,
+    scheme: &'static str,
     proxy: &Proxy,
     peer: &Peer,
     limits: &Limits,
     shutdown: &CancellationToken,
-) -> Outcome {
+) -> Outcome<S> {
     let mut stop = std::pin::pin!(shutdown.clone().cancelled_owned());
     let mut buf = BytesMut::with_capacity(4096);
     let mut head_deadline = Deadline::new(Instant::now() + limits.header_read_timeout);
@@ -91,7 +97,7 @@ pub async fn serve(
         let mut scanned = 0;
         let plan = loop {
             if buf[scanned..].contains(&b'\n') {
-                match inspect(&buf, proxy, peer, limits, &mut upstream.request) {
+                match inspect(&buf, scheme, proxy, peer, limits, &mut upstream.request) {
                     Inspected::Plan(plan) => break plan,
                     Inspected::HandOff => return Outcome::HandOff(buf, client),
                     Inspected::Partial if buf.len() >= limits.max_header_bytes => {
@@ -179,6 +185,7 @@ enum Inspected {
 /// request's head into `out`.
 fn inspect(
     buf: &[u8],
+    scheme: &str,
     proxy: &Proxy,
     peer: &Peer,
     limits: &Limits,
@@ -293,7 +300,9 @@ fn inspect(
         out.extend_from_slice(b", ");
     }
     out.extend_from_slice(peer.forwarded_ip().as_bytes());
-    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\nx-forwarded-host: ");
+    out.extend_from_slice(b"\r\nx-forwarded-proto: ");
+    out.extend_from_slice(scheme.as_bytes());
+    out.extend_from_slice(b"\r\nx-forwarded-host: ");
     out.extend_from_slice(raw_host);
     out.extend_from_slice(b"\r\nforwarded: ");
     if let Some(prior) = forwarded {
@@ -304,7 +313,9 @@ fn inspect(
     out.extend_from_slice(peer.forwarded_for.as_bytes());
     out.extend_from_slice(b";host=\"");
     out.extend_from_slice(raw_host);
-    out.extend_from_slice(b"\";proto=http\r\n");
+    out.extend_from_slice(b"\";proto=");
+    out.extend_from_slice(scheme.as_bytes());
+    out.extend_from_slice(b"\r\n");
     if !request_id {
         out.extend_from_slice(b"x-request-id: ");
         out.extend_from_slice(&request_id_hex());
@@ -411,7 +422,7 @@ enum Failed {
 /// One request to the route's endpoints and its response to the client; false when the
 /// client connection must close.
 async fn forward(
-    client: &mut TcpStream,
+    client: &mut impl Client,
     buf: &[u8],
     plan: &Plan,
     proxy: &Proxy,
@@ -431,7 +442,7 @@ async fn forward(
 /// [`forward`] with the connection's response deadline: up to two endpoints, each tried on
 /// a pooled connection first.
 async fn attempts(
-    client: &mut TcpStream,
+    client: &mut impl Client,
     buf: &[u8],
     plan: &Plan,
     proxy: &Proxy,
@@ -710,7 +721,7 @@ fn parse_response(up: &[u8]) -> Result<Option<Head>, Failed> {
 /// response the app keeps the connection open after.
 #[allow(clippy::too_many_arguments)]
 async fn respond(
-    client: &mut TcpStream,
+    client: &mut impl Client,
     mut stream: TcpStream,
     up: &mut BytesMut,
     head: Head,
@@ -786,7 +797,7 @@ async fn respond(
 }
 
 /// Writes `a`, then `b`, in one system call when the socket takes both.
-async fn write_both(w: &mut TcpStream, mut a: &[u8], mut b: &[u8]) -> std::io::Result<()> {
+async fn write_both(w: &mut impl Client, mut a: &[u8], mut b: &[u8]) -> std::io::Result<()> {
     while !a.is_empty() && !b.is_empty() {
         let n = w
             .write_vectored(&[std::io::IoSlice::new(a), std::io::IoSlice::new(b)])
@@ -1065,13 +1076,13 @@ impl Deadline {
 }
 
 /// A stream whose first bytes were read already: hyper reads them again from here.
-pub struct Rewind {
+pub struct Rewind<S> {
     pre: bytes::Bytes,
-    inner: TcpStream,
+    inner: S,
 }
 
-impl Rewind {
-    pub fn new(pre: BytesMut, inner: TcpStream) -> Rewind {
+impl<S> Rewind<S> {
+    pub fn new(pre: BytesMut, inner: S) -> Rewind<S> {
         Rewind {
             pre: pre.freeze(),
             inner,
@@ -1079,7 +1090,7 @@ impl Rewind {
     }
 }
 
-impl AsyncRead for Rewind {
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -1095,7 +1106,7 @@ impl AsyncRead for Rewind {
     }
 }
 
-impl AsyncWrite for Rewind {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -291,7 +291,7 @@ pub async fn serve(
     // This worker's own token: the fast path's connections wait on it, and a token shared by
     // every worker would put one lock between all of them.
     let stop = shutdown.child_token();
-    if tls.is_none() {
+    {
         // The fast path's idle upstream connections have no task watching them: every 15 s
         // this worker closes those the apps closed or that sat unused too long.
         let (proxy, stop) = (proxy.clone(), stop.clone());
@@ -309,6 +309,13 @@ pub async fn serve(
         });
     }
     let scheme = if tls.is_some() { "https" } else { "http" };
+    let worker = Arc::new(Worker {
+        proxy,
+        builder,
+        limits,
+        stop,
+        scheme,
+    });
     loop {
         let (stream, client) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -323,43 +330,16 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
         let peer = Arc::new(proxy::Peer::new(client));
+        let (worker, watcher) = (worker.clone(), graceful.watcher());
         match &tls {
             None => {
-                // The fast path first; hyper from the first request it does not take. The
-                // watcher holds the drain open while the fast path serves.
-                let (builder, watcher, limits, stop) = (
-                    builder.clone(),
-                    graceful.watcher(),
-                    limits.clone(),
-                    stop.clone(),
-                );
-                tokio::spawn(async move {
-                    let h1::Outcome::HandOff(read, stream) =
-                        h1::serve(stream, &proxy, &peer, &limits, &stop).await
-                    else {
-                        return;
-                    };
-                    proxy.handed_to_hyper.inc();
-                    let service =
-                        service_fn(move |req| proxy.clone().handle(req, peer.clone(), scheme));
-                    let conn = builder
-                        .serve_connection_with_upgrades(
-                            TokioIo::new(h1::Rewind::new(read, stream)),
-                            service,
-                        )
-                        .into_owned();
-                    if let Err(e) = watcher.watch(conn).await {
-                        tracing::debug!(client.addr = %client, error = %e, "connection ended with an error");
-                    }
-                });
+                tokio::spawn(serve_connection(
+                    worker, stream, true, client, peer, watcher,
+                ));
             }
             Some(acceptor) => {
-                let service =
-                    service_fn(move |req| proxy.clone().handle(req, peer.clone(), scheme));
-                let (acceptor, builder, watcher) =
-                    (acceptor.clone(), builder.clone(), graceful.watcher());
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let Ok(Ok(tls_stream)) =
                         tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
@@ -368,12 +348,9 @@ pub async fn serve(
                         tracing::debug!(client.addr = %client, "TLS handshake failed");
                         return;
                     };
-                    let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(tls_stream), service)
-                        .into_owned();
-                    if let Err(e) = watcher.watch(conn).await {
-                        tracing::debug!(client.addr = %client, error = %e, "connection ended with an error");
-                    }
+                    // HTTP/2 (chosen by ALPN) goes to hyper; HTTP/1.1 takes the fast path.
+                    let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    serve_connection(worker, tls_stream, !h2, client, peer, watcher).await;
                 });
             }
         }
@@ -386,6 +363,56 @@ pub async fn serve(
         tracing::warn!("edge connections still open after the drain deadline; closing them");
     }
     Ok(())
+}
+
+/// What a worker's connections share.
+struct Worker {
+    proxy: Arc<Proxy>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    limits: h1::Limits,
+    /// The worker's shutdown token.
+    stop: CancellationToken,
+    scheme: &'static str,
+}
+
+/// One client connection: the fast path first (when `fast`), then hyper from the first
+/// request the fast path does not take. The watcher holds the drain open meanwhile.
+async fn serve_connection<S>(
+    worker: Arc<Worker>,
+    stream: S,
+    fast: bool,
+    client: SocketAddr,
+    peer: Arc<proxy::Peer>,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let Worker {
+        proxy,
+        builder,
+        limits,
+        stop,
+        scheme,
+    } = worker.as_ref();
+    let (read, stream) = if fast {
+        match h1::serve(stream, scheme, proxy, &peer, limits, stop).await {
+            h1::Outcome::Closed => return,
+            h1::Outcome::HandOff(read, stream) => {
+                proxy.handed_to_hyper.inc();
+                (read, stream)
+            }
+        }
+    } else {
+        (bytes::BytesMut::new(), stream)
+    };
+    let (proxy, scheme) = (proxy.clone(), *scheme);
+    let service = service_fn(move |req| proxy.clone().handle(req, peer.clone(), scheme));
+    let conn = builder
+        .serve_connection_with_upgrades(TokioIo::new(h1::Rewind::new(read, stream)), service)
+        .into_owned();
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(client.addr = %client, error = %e, "connection ended with an error");
+    }
 }
 
 /// Binds the edge's listeners (before anything starts, so a taken port fails `berth up` early).

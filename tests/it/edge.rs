@@ -805,6 +805,17 @@ async fn tls_connect(
     ca: &str,
     name: &str,
 ) -> Option<tokio_rustls::client::TlsStream<TcpStream>> {
+    tls_connect_alpn(edge, ca_dir, ca, name, &[b"h2", b"http/1.1"]).await
+}
+
+/// `tls_connect` offering these protocols by ALPN.
+async fn tls_connect_alpn(
+    edge: SocketAddr,
+    ca_dir: &std::path::Path,
+    ca: &str,
+    name: &str,
+    alpn: &[&[u8]],
+) -> Option<tokio_rustls::client::TlsStream<TcpStream>> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     let ca_cert =
@@ -817,7 +828,7 @@ async fn tls_connect(
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = TcpStream::connect(edge).await.ok()?;
     let server_name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
@@ -867,6 +878,40 @@ async fn tls_picks_the_certificate_by_sni_speaks_h2_and_reloads_replaced_files()
     let seen =
         String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned();
     assert!(seen.contains("x-forwarded-proto: https\n"), "{seen}");
+    // HTTP/1.1 over TLS takes the fast path, with the same https forwarding headers.
+    let before = handed_to_hyper(&world);
+    let stream = tls_connect_alpn(tls, ca_dir.path(), "ca1", "a.test", &[b"http/1.1"])
+        .await
+        .expect("a.test handshake for HTTP/1.1");
+    let (mut h1, conn) = hyper::client::conn::http1::handshake::<_, http_body_util::Empty<Bytes>>(
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..2 {
+        let resp = h1
+            .send_request(
+                Request::get("/headers")
+                    .header("host", "a.test")
+                    .body(http_body_util::Empty::new())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let seen = String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes())
+            .into_owned();
+        assert!(
+            seen.contains("x-forwarded-proto: https\n") && seen.contains(";proto=https\n"),
+            "{seen}"
+        );
+    }
+    assert_eq!(
+        handed_to_hyper(&world),
+        before,
+        "HTTP/1.1 over TLS, fast path"
+    );
     // The wildcard one label up; no certificate for other names.
     assert!(
         tls_connect(tls, ca_dir.path(), "ca1", "x.b.test")
