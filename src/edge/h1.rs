@@ -148,6 +148,9 @@ pub async fn serve<S: Client>(
             upstream.request = Vec::new();
         }
         if !keep_open {
+            // A TLS client learns of the end from close_notify (a response read until the
+            // close relies on it); on TCP this sends the FIN.
+            let _ = tokio::time::timeout(Duration::from_secs(1), client.shutdown()).await;
             return Outcome::Closed;
         }
     }
@@ -573,7 +576,7 @@ async fn attempts(
     if !plan.head {
         out.extend_from_slice(page.as_bytes());
     }
-    client.write_all(out).await.is_ok() && !close
+    client.write_all(out).await.is_ok() && client.flush().await.is_ok() && !close
 }
 
 async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
@@ -763,7 +766,9 @@ async fn respond(
         // Bytes after the response: the connection cannot be trusted again.
         reusable = false;
     }
-    if write_both(client, out, &up[..n]).await.is_err() {
+    // Flushed after each write: a TLS stream may hold written bytes back until then (a
+    // no-op on TCP).
+    if write_both(client, out, &up[..n]).await.is_err() || client.flush().await.is_err() {
         return false;
     }
     while !done {
@@ -786,7 +791,7 @@ async fn respond(
         if n < up.len() {
             reusable = false;
         }
-        if client.write_all(&up[..n]).await.is_err() {
+        if client.write_all(&up[..n]).await.is_err() || client.flush().await.is_err() {
             return false;
         }
     }

@@ -907,6 +907,22 @@ async fn tls_picks_the_certificate_by_sni_speaks_h2_and_reloads_replaced_files()
             "{seen}"
         );
     }
+    // A large body through TLS: every byte is flushed out.
+    let resp = h1
+        .send_request(
+            Request::get("/big")
+                .header("host", "a.test")
+                .body(http_body_util::Empty::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+        .await
+        .expect("the whole body in time")
+        .unwrap()
+        .to_bytes();
+    assert_eq!(body.len(), 1 << 20);
     assert_eq!(
         handed_to_hyper(&world),
         before,
