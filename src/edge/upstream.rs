@@ -1,6 +1,7 @@
-//! Connections to an endpoint: a pool of idle keep-alive HTTP/1.1 connections per endpoint
-//! (hyper's `client::conn`), taken for one request and given back when its response body
-//! has been read to the end.
+//! Connections to an endpoint: pools of idle keep-alive HTTP/1.1 connections per endpoint
+//! and worker, taken for one request and given back when its response has been read to the
+//! end — hyper `client::conn` ones for hyper's path ([`send`]), plain TCP streams for the
+//! fast path ([`super::h1`], `take_raw`/`put_raw`/`sweep_raw`).
 //!
 //! Why not hyper-util's pooled client: it keys its pool by URI on every request and spawns
 //! a task per response to watch the connection; here the pool hangs off the endpoint the
