@@ -6,7 +6,7 @@
 //! out, forwarding headers in) in one write on a pooled connection of its own, and copies the
 //! response back as its framing says (length, chunked, or until close), all on the client
 //! connection's task: no header map, no task or channel per upstream connection, and no
-//! timer set per request (see [`Deadline`]).
+//! timer set per request (see `Deadline`).
 //!
 //! Anything else is handed to hyper before a byte of it is acted on ([`Outcome::HandOff`]):
 //! HTTP/1.0 and HTTP/2's preface, upgrades, `Expect`, `Transfer-Encoding` or more than one
