@@ -71,8 +71,38 @@ pub enum Outcome<S> {
 }
 
 /// The client side of a connection: TCP, or TLS over it.
-pub trait Client: AsyncRead + AsyncWrite + Unpin {}
-impl<S: AsyncRead + AsyncWrite + Unpin> Client for S {}
+pub trait Client: AsyncRead + AsyncWrite + Unpin {
+    /// The TCP connection under it, to notice the client closing (by a peek).
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Client for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Client for tokio_rustls::server::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+/// Whether the client closed its connection: Ready(true) on a close, Ready(false) when it
+/// sent more (pipelined; nothing more can be told), Pending otherwise.
+fn poll_client_gone(client: &impl Client, cx: &mut Context<'_>) -> Poll<bool> {
+    let mut byte = [0u8; 1];
+    let mut peek = ReadBuf::new(&mut byte);
+    match client.tcp().poll_peek(cx, &mut peek) {
+        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(true),
+        Poll::Ready(Ok(_)) => Poll::Ready(false),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+/// How long an app may take before the fast path starts watching for the client closing
+/// (hyper's path watches from the start; a peek per request would cost a system call).
+const PATIENCE: Duration = Duration::from_secs(1);
 
 /// Serves `client` (over `scheme`: `http` or `https`) until it closes or a request needs
 /// hyper.
@@ -406,6 +436,8 @@ struct Upstream {
     response: Vec<u8>,
     /// Made at the first request that waits for an app.
     deadline: Option<Deadline>,
+    /// When to start watching the client while an app is slow.
+    patience: Option<Deadline>,
 }
 
 /// Why an exchange with an app failed.
@@ -420,6 +452,17 @@ enum Failed {
     Timeout,
     /// A response that cannot be passed on.
     Bad(String),
+    /// The client closed its connection while the app was slow to answer.
+    ClientGone,
+}
+
+/// What waiting for a response head watches besides the app.
+struct Waits<'a, C> {
+    /// The response-header timeout.
+    deadline: &'a mut Deadline,
+    /// After it, the client is watched too.
+    patience: &'a mut Deadline,
+    client: &'a C,
 }
 
 /// One request to the route's endpoints and its response to the client; false when the
@@ -433,12 +476,19 @@ async fn forward(
     shutdown: &CancellationToken,
 ) -> bool {
     let timeouts = &proxy.timeouts;
-    let mut deadline = upstream
-        .deadline
-        .take()
-        .unwrap_or_else(|| Deadline::new(Instant::now() + timeouts.response_headers));
-    let keep_open = attempts(client, buf, plan, proxy, upstream, &mut deadline, shutdown).await;
-    upstream.deadline = Some(deadline);
+    let now = Instant::now();
+    let mut deadlines = (
+        upstream
+            .deadline
+            .take()
+            .unwrap_or_else(|| Deadline::new(now + timeouts.response_headers)),
+        upstream
+            .patience
+            .take()
+            .unwrap_or_else(|| Deadline::new(now + PATIENCE)),
+    );
+    let keep_open = attempts(client, buf, plan, proxy, upstream, &mut deadlines, shutdown).await;
+    (upstream.deadline, upstream.patience) = (Some(deadlines.0), Some(deadlines.1));
     keep_open
 }
 
@@ -450,7 +500,7 @@ async fn attempts(
     plan: &Plan,
     proxy: &Proxy,
     upstream: &mut Upstream,
-    deadline: &mut Deadline,
+    (deadline, patience): &mut (Deadline, Deadline),
     shutdown: &CancellationToken,
 ) -> bool {
     let started = std::time::Instant::now();
@@ -484,9 +534,16 @@ async fn attempts(
                     Err(e) => break Err(Failed::Connect(e)),
                 },
             };
-            deadline.set(Instant::now() + timeouts.response_headers);
+            let now = Instant::now();
+            deadline.set(now + timeouts.response_headers);
+            patience.set(now + PATIENCE);
             up.clear();
-            match exchange(&mut stream, &upstream.request, &mut up, deadline).await {
+            let waits = Waits {
+                deadline,
+                patience,
+                client: &*client,
+            };
+            match exchange(&mut stream, &upstream.request, &mut up, waits).await {
                 Ok(head) => break Ok((stream, head)),
                 // The app had closed the pooled connection: nothing reached it.
                 Err(Failed::Unsent(_)) if reused => pooled = false,
@@ -506,6 +563,12 @@ async fn attempts(
                 give_buffer(up);
                 return keep_open;
             }
+            Err(Failed::ClientGone) => {
+                // nginx's "499": nobody to answer; the app's connection goes with it.
+                access_log(&host, method, path, 499, Some(endpoint.addr), started);
+                give_buffer(up);
+                return false;
+            }
             Err(e) => {
                 metrics.upstream_errors.inc();
                 let retry = match &e {
@@ -514,13 +577,14 @@ async fn attempts(
                         true
                     }
                     Failed::Closed(_) | Failed::Unsent(_) => plan.idempotent,
-                    Failed::Timeout | Failed::Bad(_) => false,
+                    Failed::Timeout | Failed::Bad(_) | Failed::ClientGone => false,
                 };
                 let error = match &e {
                     Failed::Connect(e) | Failed::Unsent(e) | Failed::Closed(e) | Failed::Bad(e) => {
                         e.as_str()
                     }
                     Failed::Timeout => "no response in time",
+                    Failed::ClientGone => "the client closed",
                 };
                 tracing::debug!(app.name = %route.app, upstream = %endpoint.addr, error, "upstream request failed");
                 failure = Some(e);
@@ -546,7 +610,7 @@ async fn attempts(
                 Failed::Connect(e) | Failed::Unsent(e) | Failed::Closed(e) | Failed::Bad(e) => {
                     e.as_str()
                 }
-                Failed::Timeout => "",
+                Failed::Timeout | Failed::ClientGone => "",
             };
             tracing::warn!(app.name = %route.app, error, "bad gateway");
             (
@@ -608,14 +672,21 @@ enum Framing {
     UntilClose,
 }
 
-/// Sends the request and reads the response head into `up`, within `deadline`. Interim
-/// (1xx) responses are skipped.
+/// Sends the request and reads the response head into `up`, within the deadline and while
+/// the client stays. Interim (1xx) responses are skipped.
 async fn exchange(
     stream: &mut TcpStream,
     request: &[u8],
     up: &mut BytesMut,
-    deadline: &mut Deadline,
+    waits: Waits<'_, impl Client>,
 ) -> Result<Head, Failed> {
+    let Waits {
+        deadline,
+        patience,
+        client,
+    } = waits;
+    // Once the client sent more (pipelined), its close cannot be told by a peek.
+    let mut watch_client = true;
     if let Err(e) = stream.write_all(request).await {
         return Err(Failed::Unsent(e.to_string()));
     }
@@ -638,7 +709,28 @@ async fn exchange(
         }
         let was_empty = up.is_empty();
         up.reserve(READ_SIZE);
-        match deadline.within(stream.read_buf(up)).await {
+        let mut read = std::pin::pin!(stream.read_buf(up));
+        let got = std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = read.as_mut().poll(cx) {
+                return Poll::Ready(Some(r));
+            }
+            if deadline.poll_expired(cx) {
+                return Poll::Ready(None);
+            }
+            if watch_client && patience.poll_expired(cx) {
+                match poll_client_gone(client, cx) {
+                    Poll::Ready(true) => return Poll::Ready(Some(Err(ClientClosed.into()))),
+                    Poll::Ready(false) => watch_client = false,
+                    Poll::Pending => {}
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        match got {
+            Some(Err(e)) if e.get_ref().is_some_and(|inner| inner.is::<ClientClosed>()) => {
+                return Err(Failed::ClientGone);
+            }
             None => return Err(Failed::Timeout),
             Some(Ok(n)) if n > 0 => {}
             Some(Ok(_)) if was_empty => {
@@ -654,6 +746,24 @@ async fn exchange(
         }
     }
 }
+
+/// The client's close, noticed while waiting for an app (an I/O error's inner error).
+#[derive(Debug)]
+struct ClientClosed;
+
+impl From<ClientClosed> for std::io::Error {
+    fn from(closed: ClientClosed) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::ConnectionAborted, closed)
+    }
+}
+
+impl std::fmt::Display for ClientClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the client closed")
+    }
+}
+
+impl std::error::Error for ClientClosed {}
 
 /// A complete response head at the start of `up`, or None for more bytes.
 fn parse_response(up: &[u8]) -> Result<Option<Head>, Failed> {

@@ -385,7 +385,7 @@ async fn serve_connection<S>(
     peer: Arc<proxy::Peer>,
     watcher: hyper_util::server::graceful::Watcher,
 ) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: h1::Client + Send + 'static,
 {
     let Worker {
         proxy,

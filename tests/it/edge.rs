@@ -23,7 +23,7 @@ type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 /// A backend answering as `name`: `/` gives the name, `/headers` the request headers,
 /// `/echo` the request body, `/chunked` a chunked body, `/big` 1 MiB, `/empty` a 204, `/slow` its name
-/// after a second, `/sse` two events with a pause, an upgrade request an echo of raw bytes.
+/// after a second, `/slower` after three, `/sse` two events with a pause, an upgrade request an echo of raw bytes.
 struct Backend {
     addr: SocketAddr,
     stop: CancellationToken,
@@ -79,6 +79,10 @@ impl Drop for Backend {
     }
 }
 
+/// `/slower` requests answered, by every backend of the tests (a request whose connection
+/// closed first is dropped by hyper before it answers).
+static SLOWER_ANSWERED: AtomicUsize = AtomicUsize::new(0);
+
 async fn respond(
     name: &'static str,
     mut req: Request<hyper::body::Incoming>,
@@ -118,6 +122,11 @@ async fn respond(
         "/slow" => {
             tokio::time::sleep(Duration::from_millis(1000)).await;
             Response::new(full("slow".to_string()))
+        }
+        "/slower" => {
+            tokio::time::sleep(Duration::from_millis(3000)).await;
+            SLOWER_ANSWERED.fetch_add(1, Ordering::Relaxed);
+            Response::new(full("slower".to_string()))
         }
         "/big" => Response::new(Full::new(Bytes::from(vec![b'x'; 1 << 20])).boxed()),
         "/empty" => Response::builder()
@@ -1247,4 +1256,35 @@ async fn on_shutdown_requests_in_flight_finish_and_idle_connections_close() {
         || async { TcpStream::connect(edge).await.is_err() },
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_while_the_app_is_slow_takes_its_request_with_it() {
+    let (world, backend) = World::routed("fast").await;
+    let before = handed_to_hyper(&world);
+    let answered = SLOWER_ANSWERED.load(Ordering::Relaxed);
+    let served = backend.served.load(Ordering::Relaxed);
+    let mut client = TcpStream::connect(world.edge).await.unwrap();
+    client
+        .write_all(b"GET /slower HTTP/1.1\r\nHost: web.localhost\r\n\r\n")
+        .await
+        .unwrap();
+    eventually(
+        "the request reached the app",
+        Duration::from_secs(5),
+        || async { backend.served.load(Ordering::Relaxed) > served },
+    )
+    .await;
+    drop(client);
+    // The edge notices within its patience (1 s) and closes the app's connection, so the
+    // app (hyper) drops the request before its 3 s are up.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(
+        SLOWER_ANSWERED.load(Ordering::Relaxed),
+        answered,
+        "the app never answered a request nobody waits for"
+    );
+    assert_eq!(handed_to_hyper(&world), before, "on the fast path");
+    // The edge serves on.
+    assert_eq!(world.get("web.localhost", "/").await.unwrap().0, 200);
 }
