@@ -543,7 +543,8 @@ async fn attempts(
                 patience,
                 client: &*client,
             };
-            match exchange(&mut stream, &upstream.request, &mut up, waits).await {
+            let (request, head) = (&upstream.request, &mut upstream.response);
+            match exchange(&mut stream, request, &mut up, head, waits).await {
                 Ok(head) => break Ok((stream, head)),
                 // The app had closed the pooled connection: nothing reached it.
                 Err(Failed::Unsent(_)) if reused => pooled = false,
@@ -672,12 +673,14 @@ enum Framing {
     UntilClose,
 }
 
-/// Sends the request and reads the response head into `up`, within the deadline and while
-/// the client stays. Interim (1xx) responses are skipped.
+/// Sends the request and reads the response head into `up` (and the client's version of it
+/// into `out`), within the deadline and while the client stays. Interim (1xx) responses are
+/// skipped.
 async fn exchange(
     stream: &mut TcpStream,
     request: &[u8],
     up: &mut BytesMut,
+    out: &mut Vec<u8>,
     waits: Waits<'_, impl Client>,
 ) -> Result<Head, Failed> {
     let Waits {
@@ -692,7 +695,7 @@ async fn exchange(
     }
     loop {
         if !up.is_empty() {
-            match parse_response(up)? {
+            match parse_response(up, out)? {
                 Some(head) if (100..200).contains(&head.status) => {
                     if head.status == 101 {
                         return Err(Failed::Bad("a protocol switch nobody asked for".into()));
@@ -765,8 +768,9 @@ impl std::fmt::Display for ClientClosed {
 
 impl std::error::Error for ClientClosed {}
 
-/// A complete response head at the start of `up`, or None for more bytes.
-fn parse_response(up: &[u8]) -> Result<Option<Head>, Failed> {
+/// A complete response head at the start of `up`, or None for more bytes. A final (not 1xx)
+/// head is also written into `out` for the client, but for its end (see `end_head`).
+fn parse_response(up: &[u8], out: &mut Vec<u8>) -> Result<Option<Head>, Failed> {
     let mut headers = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_RESPONSE_HEADERS];
     let mut res = httparse::Response::new(&mut []);
     let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
@@ -821,6 +825,10 @@ fn parse_response(up: &[u8]) -> Result<Option<Head>, Failed> {
         // Framed by Transfer-Encoding (RFC 9112 §6.3); the length goes, and so does the connection.
         reusable = false;
     }
+    if !(100..200).contains(&status) {
+        out.clear();
+        write_head_lines(out, &res, status, chunked.is_some());
+    }
     Ok(Some(Head {
         status,
         len,
@@ -846,9 +854,9 @@ async fn respond(
     let no_body = plan.head || head.status == 204 || head.status == 304;
     let framing = if no_body { Framing::None } else { head.framing };
     let close = plan.close || shutdown.is_cancelled() || framing == Framing::UntilClose;
+    // The head, written for the client by `parse_response`, gets its end.
     let out = &mut upstream.response;
-    out.clear();
-    write_response_head(out, &up[..head.len], close);
+    end_head(out, close);
     up.advance(head.len);
     let mut reusable = head.reusable;
     // What of `up` belongs to the body, and whether the body is complete.
@@ -933,20 +941,12 @@ async fn write_both(w: &mut impl Client, mut a: &[u8], mut b: &[u8]) -> std::io:
 
 /// The response head for the client: the app's status and headers, hop-by-hop ones out
 /// (framing kept: the body goes through as the app framed it), Date added when missing.
-fn write_response_head(out: &mut Vec<u8>, head: &[u8], close: bool) {
-    let mut headers = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_RESPONSE_HEADERS];
-    let mut res = httparse::Response::new(&mut []);
-    // Parsed once already: it parses again the same.
-    let _ = httparse::ParserConfig::default().parse_response_with_uninit_headers(
-        &mut res,
-        head,
-        &mut headers,
-    );
-    let status = res.code.unwrap_or(502);
-    let chunked_or_close = res
-        .headers
-        .iter()
-        .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
+fn write_head_lines(
+    out: &mut Vec<u8>,
+    res: &httparse::Response<'_, '_>,
+    status: u16,
+    chunked_or_close: bool,
+) {
     out.extend_from_slice(b"HTTP/1.1 ");
     let digits = [
         b'0' + (status / 100 % 10) as u8,
@@ -1003,6 +1003,10 @@ fn write_response_head(out: &mut Vec<u8>, head: &[u8], close: bool) {
     if !date {
         write_date(out);
     }
+}
+
+/// Ends a head `parse_response` wrote, telling the client when its connection closes.
+fn end_head(out: &mut Vec<u8>, close: bool) {
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
@@ -1291,7 +1295,7 @@ mod tests {
     #[test]
     fn response_heads_say_how_their_bodies_end() {
         let framing = |head: &str| {
-            parse_response(head.as_bytes())
+            parse_response(head.as_bytes(), &mut Vec::new())
                 .ok()
                 .flatten()
                 .map(|h| (h.framing, h.reusable))
@@ -1314,20 +1318,32 @@ mod tests {
         );
         assert_eq!(framing("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n"), None);
         assert!(
-            parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n")
-                .is_err()
+            parse_response(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+                &mut Vec::new()
+            )
+            .is_err()
         );
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n").is_err());
+        assert!(
+            parse_response(
+                b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+                &mut Vec::new()
+            )
+            .is_err()
+        );
     }
 
     #[test]
     fn the_response_head_loses_hop_by_hop_headers_and_gains_a_date() {
         let mut out = Vec::new();
-        write_response_head(
-            &mut out,
+        parse_response(
             b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\nX-App: 1\r\n\r\n",
-            true,
-        );
+            &mut out,
+        )
+        .ok()
+        .flatten()
+        .unwrap();
+        end_head(&mut out, true);
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
         assert!(

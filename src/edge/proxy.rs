@@ -122,16 +122,19 @@ impl Proxy {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
-        let Some(route) = self.table.get(&host) else {
-            let response = page(StatusCode::NOT_FOUND, "no app answers to this host");
+        let log = |status: StatusCode, upstream: Option<SocketAddr>| {
             access_log(
                 &host,
                 method.as_str(),
                 path.as_str(),
-                response.status().as_u16(),
-                None,
+                status.as_u16(),
+                upstream,
                 started,
-            );
+            )
+        };
+        let Some(route) = self.table.get(&host) else {
+            let response = page(StatusCode::NOT_FOUND, "no app answers to this host");
+            log(response.status(), None);
             return Ok(response);
         };
         let metrics = self.table.metrics_of(&route);
@@ -177,14 +180,7 @@ impl Proxy {
             match sent {
                 Ok(Ok(mut response)) => {
                     let status = response.status();
-                    access_log(
-                        &host,
-                        method.as_str(),
-                        path.as_str(),
-                        status.as_u16(),
-                        Some(endpoint.addr),
-                        started,
-                    );
+                    log(status, Some(endpoint.addr));
                     self.latency.observe(started.elapsed());
                     if status == StatusCode::SWITCHING_PROTOCOLS
                         && let Some(client_upgrade) = client_upgrade
@@ -238,14 +234,7 @@ impl Proxy {
                     metrics.upstream_errors.inc();
                     last_error = "the app did not answer in time".into();
                     let response = page(StatusCode::GATEWAY_TIMEOUT, &last_error);
-                    access_log(
-                        &host,
-                        method.as_str(),
-                        path.as_str(),
-                        response.status().as_u16(),
-                        Some(endpoint.addr),
-                        started,
-                    );
+                    log(response.status(), Some(endpoint.addr));
                     return Ok(response);
                 }
             }
@@ -265,14 +254,7 @@ impl Proxy {
                 "the app's instance could not be reached",
             )
         };
-        access_log(
-            &host,
-            method.as_str(),
-            path.as_str(),
-            response.status().as_u16(),
-            None,
-            started,
-        );
+        log(response.status(), None);
         Ok(response)
     }
 }

@@ -442,6 +442,37 @@ mod tests {
         }
     }
 
+    /// Workers running `r` over `queue`, until `stop`.
+    struct Running {
+        shutdown: CancellationToken,
+        workers: tokio::task::JoinHandle<()>,
+        metrics: Arc<Metrics>,
+    }
+
+    fn start<R: Reconciler<Key = u32>>(
+        r: &Arc<R>,
+        queue: &WorkQueue<u32>,
+        opts: ControllerOptions,
+    ) -> Running {
+        let (shutdown, metrics) = (CancellationToken::new(), Metrics::new());
+        let workers = tokio::spawn({
+            let (r, q, s, m) = (r.clone(), queue.clone(), shutdown.clone(), metrics.clone());
+            async move { run_workers(r, q, &opts, &m, s).await }
+        });
+        Running {
+            shutdown,
+            workers,
+            metrics,
+        }
+    }
+
+    impl Running {
+        async fn stop(self) {
+            self.shutdown.cancel();
+            self.workers.await.unwrap();
+        }
+    }
+
     async fn settle(r: &Recorder, queue: &WorkQueue<u32>) {
         for _ in 0..10_000 {
             if queue.depth() == 0 && r.total_in_flight.load(Ordering::SeqCst) == 0 {
@@ -463,18 +494,12 @@ mod tests {
             queue.add(7);
         }
         queue.add(8);
-        let shutdown = CancellationToken::new();
-        let metrics = Metrics::new();
-        let workers = tokio::spawn({
-            let (r, q, s, m) = (r.clone(), queue.clone(), shutdown.clone(), metrics.clone());
-            async move { run_workers(r, q, &options(4), &m, s).await }
-        });
+        let running = start(&r, &queue, options(4));
         tokio::time::sleep(Duration::from_millis(50)).await;
         settle(&r, &queue).await;
         assert_eq!(r.runs.lock().unwrap().get(&7), Some(&1));
         assert_eq!(r.runs.lock().unwrap().get(&8), Some(&1));
-        shutdown.cancel();
-        workers.await.unwrap();
+        running.stop().await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -484,12 +509,7 @@ mod tests {
             ..Default::default()
         });
         let queue = WorkQueue::new();
-        let shutdown = CancellationToken::new();
-        let metrics = Metrics::new();
-        let workers = tokio::spawn({
-            let (r, q, s, m) = (r.clone(), queue.clone(), shutdown.clone(), metrics.clone());
-            async move { run_workers(r, q, &options(4), &m, s).await }
-        });
+        let running = start(&r, &queue, options(4));
         queue.add(1);
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(queue.is_running(&1));
@@ -502,8 +522,7 @@ mod tests {
         settle(&r, &queue).await;
         assert_eq!(r.max_per_key.load(Ordering::SeqCst), 1);
         assert_eq!(r.runs.lock().unwrap().get(&1), Some(&2));
-        shutdown.cancel();
-        workers.await.unwrap();
+        running.stop().await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -516,18 +535,12 @@ mod tests {
         for k in 0..20 {
             queue.add(k);
         }
-        let shutdown = CancellationToken::new();
-        let metrics = Metrics::new();
-        let workers = tokio::spawn({
-            let (r, q, s, m) = (r.clone(), queue.clone(), shutdown.clone(), metrics.clone());
-            async move { run_workers(r, q, &options(3), &m, s).await }
-        });
+        let running = start(&r, &queue, options(3));
         tokio::time::sleep(Duration::from_millis(10)).await;
         settle(&r, &queue).await;
         assert_eq!(r.max_total.load(Ordering::SeqCst), 3);
         assert_eq!(r.runs.lock().unwrap().values().sum::<usize>(), 20);
-        shutdown.cancel();
-        workers.await.unwrap();
+        running.stop().await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -538,17 +551,12 @@ mod tests {
         });
         r.failures.lock().unwrap().insert(5, 6);
         let queue = WorkQueue::new();
-        let shutdown = CancellationToken::new();
-        let metrics = Metrics::new();
         let opts = ControllerOptions {
             base_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_millis(800),
             ..options(2)
         };
-        let workers = tokio::spawn({
-            let (r, q, s, m) = (r.clone(), queue.clone(), shutdown.clone(), metrics.clone());
-            async move { run_workers(r, q, &opts, &m, s).await }
-        });
+        let running = start(&r, &queue, opts);
         queue.add(5);
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert_eq!(
@@ -568,12 +576,12 @@ mod tests {
         }
         assert!(gaps[5] <= Duration::from_millis(805), "capped");
         assert!(
-            metrics
+            running
+                .metrics
                 .render()
                 .contains("berth_reconcile_errors_total{component=\"test\"} 6")
         );
-        shutdown.cancel();
-        workers.await.unwrap();
+        running.stop().await;
     }
 
     /// Takes keys in batches and answers for the first key of each only.
@@ -613,18 +621,12 @@ mod tests {
         for k in 1..=3 {
             queue.add(k);
         }
-        let shutdown = CancellationToken::new();
-        let metrics = Metrics::new();
-        let workers = tokio::spawn({
-            let (r, q, s, m) = (r.clone(), queue.clone(), shutdown.clone(), metrics.clone());
-            async move { run_workers(r, q, &options(1), &m, s).await }
-        });
+        let running = start(&r, &queue, options(1));
         tokio::time::sleep(Duration::from_secs(5)).await;
         let runs = r.runs.lock().unwrap().clone();
         assert_eq!(runs.len(), 3, "every key ran in the end: {runs:?}");
         assert!((1..=3).all(|k| !queue.is_running(&k)));
-        shutdown.cancel();
-        workers.await.unwrap();
+        running.stop().await;
     }
 
     #[test]

@@ -337,6 +337,19 @@ where
     (sender, tokio::spawn(conn))
 }
 
+/// A GET of `path` at `host` on an open HTTP/1.1 connection.
+async fn get_on(
+    sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Empty<Bytes>>,
+    host: &str,
+    path: &str,
+) -> Response<hyper::body::Incoming> {
+    let req = Request::get(path)
+        .header("host", host)
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    sender.send_request(req).await.unwrap()
+}
+
 /// One HTTP/1.1 request on a fresh connection.
 async fn get(edge: SocketAddr, host: &str, path: &str) -> Option<(u16, String, hyper::HeaderMap)> {
     let stream = TcpStream::connect(edge).await.ok()?;
@@ -899,15 +912,7 @@ async fn tls_picks_the_certificate_by_sni_speaks_h2_and_reloads_replaced_files()
     .unwrap();
     tokio::spawn(conn);
     for _ in 0..2 {
-        let resp = h1
-            .send_request(
-                Request::get("/headers")
-                    .header("host", "a.test")
-                    .body(http_body_util::Empty::new())
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
+        let resp = get_on(&mut h1, "a.test", "/headers").await;
         assert_eq!(resp.status(), 200);
         let seen = String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes())
             .into_owned();
@@ -917,15 +922,7 @@ async fn tls_picks_the_certificate_by_sni_speaks_h2_and_reloads_replaced_files()
         );
     }
     // A large body through TLS: every byte is flushed out.
-    let resp = h1
-        .send_request(
-            Request::get("/big")
-                .header("host", "a.test")
-                .body(http_body_util::Empty::new())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let resp = get_on(&mut h1, "a.test", "/big").await;
     let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
         .await
         .expect("the whole body in time")
@@ -1170,16 +1167,20 @@ async fn plain_http1_requests_take_the_fast_path_and_keep_the_proxy_semantics() 
 }
 
 /// An app that closes each keep-alive connection 50 ms after its response (as an app with a
-/// short keep-alive timeout does), counting the connections it accepted.
-async fn closing_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+/// short keep-alive timeout does), counting the connections it accepted and closed.
+async fn closing_backend() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
+    let (accepted, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (count, closes) = (accepted.clone(), closed.clone());
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
+        while let Ok((s, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::Relaxed);
+            let closes = closes.clone();
             tokio::spawn(async move {
+                let _closed = CountOnDrop(closes);
+                // Declared after the guard, so closed before it counts.
+                let mut s = s;
                 let mut buf = vec![0u8; 4096];
                 let mut got = Vec::new();
                 while !got.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -1195,19 +1196,33 @@ async fn closing_backend() -> (SocketAddr, Arc<AtomicUsize>) {
             });
         }
     });
-    (addr, accepted)
+    (addr, accepted, closed)
+}
+
+/// Adds one to its counter when dropped: a connection task holding it counts its close.
+struct CountOnDrop(Arc<AtomicUsize>);
+
+impl Drop for CountOnDrop {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 #[tokio::test]
 async fn a_pooled_connection_the_app_closed_is_never_used_for_a_request() {
     let world = World::new().await;
-    let (addr, accepted) = closing_backend().await;
+    let (addr, accepted, closed) = closing_backend().await;
     let app = world.app("web", &["web.localhost"]).await;
     world.instance(app, addr, "running").await;
     world.wait_routed("web.localhost").await;
     let before = accepted.load(Ordering::Relaxed);
     for round in 0..5 {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        eventually(
+            "the app closed its connections",
+            Duration::from_secs(5),
+            || async { closed.load(Ordering::Relaxed) == accepted.load(Ordering::Relaxed) },
+        )
+        .await;
         // Not idempotent: a request on a connection the app had closed would be a 502.
         let out = raw(
             world.edge,
@@ -1226,20 +1241,22 @@ async fn a_pooled_connection_the_app_closed_is_never_used_for_a_request() {
 
 #[tokio::test]
 async fn on_shutdown_requests_in_flight_finish_and_idle_connections_close() {
-    let (world, _backend) = World::routed("fast").await;
+    let (world, backend) = World::routed("fast").await;
 
     // A keep-alive connection, idle after one request.
     let (mut idle, idle_conn) = http1_client::<http_body_util::Empty<Bytes>>(world.edge).await;
-    let req = Request::get("/")
-        .header("host", "web.localhost")
-        .body(http_body_util::Empty::new())
-        .unwrap();
-    assert_eq!(idle.send_request(req).await.unwrap().status(), 200);
+    assert_eq!(get_on(&mut idle, "web.localhost", "/").await.status(), 200);
 
     // A request in flight when the edge is told to stop.
     let edge = world.edge;
+    let served = backend.served.load(Ordering::Relaxed);
     let slow = tokio::spawn(async move { get(edge, "web.localhost", "/slow").await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually(
+        "the request reached the app",
+        Duration::from_secs(5),
+        || async { backend.served.load(Ordering::Relaxed) > served },
+    )
+    .await;
     world.stop.cancel();
 
     tokio::time::timeout(Duration::from_secs(2), idle_conn)
