@@ -428,26 +428,34 @@ async fn berth_up_killed_mid_rollout_converges_when_it_comes_back_without_duplic
     write_app(specs.path(), &it.spec(2, "1"), "before\n");
     it.wait_for_page("before\n", Duration::from_secs(120)).await;
 
-    // A new version; kill -9 as soon as its first new instance exists.
+    // A new version; kill -9 as soon as its first new instance exists. The new version is
+    // the newest deployment: the page (in the build context) and the spec are written one
+    // after the other, and a rescan between them makes a deployment of its own.
     write_app(specs.path(), &it.spec(2, "2"), "after\n");
-    eventually("the rollout has started", Duration::from_secs(60), || async {
-        let n: i64 = sqlx::query_scalar(
-            "select count(*) from instances i join deployments d on d.id = i.deployment_id where d.generation = 2",
-        )
-        .fetch_one(&it.db.pool)
-        .await
-        .unwrap();
-        n > 0
-    })
+    eventually(
+        "the rollout has started",
+        Duration::from_secs(60),
+        || async {
+            let n: i64 = sqlx::query_scalar(
+                "select count(*) from instances i join deployments d on d.id = i.deployment_id
+             where d.generation >= 2",
+            )
+            .fetch_one(&it.db.pool)
+            .await
+            .unwrap();
+            n > 0
+        },
+    )
     .await;
     up.kill();
     let _up = it.up(&source);
     it.wait_for_page("after\n", Duration::from_secs(120)).await;
     eventually("converged: two running instances of the new deployment, the rest stopped", Duration::from_secs(60), || async {
         let (running, others): (i64, i64) = sqlx::query_as(
-            "select count(*) filter (where d.generation = 2 and i.state = 'running' and i.desired_state = 'running'),
-                    count(*) filter (where not (d.generation = 2 and i.desired_state = 'running') and i.state <> 'stopped')
-             from instances i join deployments d on d.id = i.deployment_id",
+            "select count(*) filter (where d.generation = newest.g and i.state = 'running' and i.desired_state = 'running'),
+                    count(*) filter (where not (d.generation = newest.g and i.desired_state = 'running') and i.state <> 'stopped')
+             from instances i join deployments d on d.id = i.deployment_id,
+                  (select max(generation) as g from deployments) newest",
         )
         .fetch_one(&it.db.pool)
         .await
